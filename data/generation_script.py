@@ -1,0 +1,103 @@
+"""Stage 1: generate random-policy CarRacing rollouts with K worker processes.
+
+    python data/generation_script.py --rollouts 1000 --rootdir datasets/carracing --threads 2
+
+Rollout I goes to `rootdir/thread_{I mod K}/rollout_I.npz` and depends only on (seed, I), so
+the dataset is the same whatever K. Re-running after a kill skips the rollouts already on
+disk (files appear atomically, so any file present is complete). No display is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from data.carracing import POLICIES, generate_rollout, positive_int, rollout_path, save_rollout  # noqa: E402
+from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
+from utils.pool import WorkerError, WorkerPool  # noqa: E402
+
+_env = None  # one env per worker process, built once by `init_worker`
+
+
+def init_worker(fast: bool) -> None:
+    global _env
+    _env = make_env(fast=fast)
+
+
+def run_rollout(index: int, thread: int, rootdir: str, seed: int, policy: str, max_steps: int) -> int:
+    """Worker task: play rollout `index`, save it, return its number of frames."""
+    arrays = generate_rollout(_env, index, seed, policy, max_steps)
+    save_rollout(rollout_path(rootdir, index, thread), arrays)
+    return len(arrays["actions"])
+
+
+def existing_rollouts(rootdir: Path) -> set[int]:
+    """Indices of the complete rollouts already under `rootdir` (any thread folder)."""
+    found = set()
+    for path in rootdir.rglob("rollout_*.npz"):
+        try:
+            found.add(int(path.stem.split("_", 1)[1]))
+        except ValueError:
+            pass
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rollouts", type=positive_int, required=True, help="total number of rollouts to have on disk")
+    parser.add_argument("--rootdir", default="datasets/carracing", help="output folder (default: datasets/carracing)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--policy", choices=POLICIES, default="brown", help="random policy (default: brown)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)")
+    parser.add_argument("--max-steps", type=positive_int, default=MAX_EPISODE_STEPS, help=f"steps per rollout at most (default: {MAX_EPISODE_STEPS})")
+    parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    args = parser.parse_args(argv)
+
+    rootdir = Path(args.rootdir)
+    rootdir.mkdir(parents=True, exist_ok=True)
+    for stale in rootdir.rglob(".rollout_*.tmp"):  # left by a killed run; never read by loaders
+        stale.unlink(missing_ok=True)
+    done = existing_rollouts(rootdir)
+    todo = [i for i in range(args.rollouts) if i not in done]
+    if not todo:
+        print(f"all {args.rollouts} rollouts already in {rootdir}; nothing to do")
+        return 0
+
+    tasks = [(i, i % args.threads, str(rootdir), args.seed, args.policy, args.max_steps) for i in todo]
+    start, frames = time.perf_counter(), 0
+    bar = tqdm(total=len(tasks), unit="rollout", desc="rollouts", initial=0, dynamic_ncols=True)
+
+    def on_result(_: int, n_frames: int) -> None:
+        nonlocal frames
+        frames += n_frames
+        bar.update(1)
+        bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
+
+    try:
+        with WorkerPool(min(args.threads, len(tasks)), init_worker, (not args.slow_env,)) as pool:
+            pool.map(run_rollout, tasks, on_result=on_result)
+    except WorkerError as error:
+        bar.close()
+        print(f"error: rollout generation failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: complete rollouts are kept; rerun the same command to finish", file=sys.stderr)
+        return 130
+    bar.close()
+    elapsed = time.perf_counter() - start
+    print(
+        f"generated {len(tasks)} rollouts ({frames} frames) in {elapsed:.1f}s: "
+        f"{len(tasks) / elapsed:.2f} rollouts/s, {frames / elapsed:.0f} frames/s, "
+        f"{args.rollouts} in {rootdir} with {args.threads} worker(s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
