@@ -1,0 +1,68 @@
+"""CSV logs and their matplotlib plots, written in each stage's folder of the logdir."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class CSVLog:
+    """Append-only CSV with a fixed header; resuming drops rows from epochs being redone.
+
+    A run killed after logging epoch e but before saving its checkpoint redoes epoch e on
+    resume; `keep_before` removes such rows so every epoch appears once.
+    """
+
+    def __init__(self, path: str | os.PathLike, fields: Sequence[str], step_field: str = "epoch", keep_before: int | None = None) -> None:
+        self.path, self.fields, self.step_field = Path(path), list(fields), step_field
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.read() if keep_before is not None and self.path.exists() else []
+        rows = [r for r in rows if keep_before is not None and int(float(r[step_field])) < keep_before]
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+
+    def read(self) -> list[dict[str, str]]:
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+
+def plot_columns(csv_path: str | os.PathLike, png_path: str | os.PathLike, x: str, panels: dict[str, Sequence[str]], title: str = "") -> None:
+    """One subplot per panel, each drawing the named CSV columns against `x`.
+
+    Empty cells (e.g. evaluations that only happen every few generations) are skipped.
+    """
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (name, columns) in zip(axes[0], panels.items()):
+        for column in columns:
+            points = [(float(r[x]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=column)
+        ax.set_xlabel(x)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
