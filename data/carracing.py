@@ -26,6 +26,9 @@ from envs.carracing import MAX_EPISODE_STEPS, make_env, to_model_frame  # noqa: 
 POLICIES = ("brown", "white")
 BROWNIAN_DT = 1.0 / 50.0
 ROLLOUT_KEYS = ("observations", "actions", "rewards", "terminals")
+# zlib level 1: 0.1 ms per frame instead of 0.3 ms at the default level 6, for files about
+# 1.4x larger (~1.4 MB per 1000-step rollout). Generation is CPU-bound; disk is cheap.
+COMPRESS_LEVEL = 1
 
 
 def rollout_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
@@ -103,7 +106,7 @@ def save_rollout(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None
                 np.lib.format.write_array(buffer, np.asanyarray(value), allow_pickle=False)
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
-                archive.writestr(info, buffer.getvalue())
+                archive.writestr(info, buffer.getvalue(), compresslevel=COMPRESS_LEVEL)
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, path)
