@@ -138,31 +138,45 @@ def gmm_loss(target: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor,
 
 
 def sample_gmm(mu: torch.Tensor, logsigma: torch.Tensor, logpi: torch.Tensor,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+               temperature: float = 1.0, generator: torch.Generator | None = None,
+               noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Draw one sample per latent dimension from mixtures (..., L, K) -> (..., L).
 
     Ha's temperature: mixture logits are divided by tau (then renormalised) and sigma is scaled by
     sqrt(tau); tau > 1 gives a more uncertain dream, tau < 1 a more deterministic one. tau must be > 0.
     `generator` must live on the tensors' device.
+
+    `noise` = (uniform, normal), each broadcastable to (..., L), makes the draw a pure function
+    of the given noise: the component is picked by inverse CDF of the uniform, and the normal
+    scales sigma. The dream uses it so that a batch of controllers and a single env stepped
+    alone see the same random numbers for the same seed.
     """
     probs = (logpi / temperature).softmax(dim=-1)  # (..., L, K)
-    k = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    k = k.reshape(probs.shape[:-1] + (1,))  # (..., L, 1) component index per dimension
+    if noise is None:
+        k = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        k = k.reshape(probs.shape[:-1] + (1,))  # (..., L, 1) component index per dimension
+        eps = torch.randn(probs.shape[:-1], generator=generator, device=mu.device, dtype=mu.dtype)
+    else:
+        uniform, eps = (n.expand(probs.shape[:-1]) for n in noise)
+        below = (probs.cumsum(dim=-1) < uniform.unsqueeze(-1)).sum(dim=-1, keepdim=True)
+        k = below.clamp(max=probs.shape[-1] - 1)  # (..., L, 1)
     mu_k = mu.gather(-1, k).squeeze(-1)
     sigma_k = logsigma.gather(-1, k).squeeze(-1).exp() * math.sqrt(temperature)
-    eps = torch.randn(mu_k.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu_k + sigma_k * eps
 
 
 def mdrnn_loss(out: MDNOutput, next_latents: torch.Tensor, rewards: torch.Tensor,
                terminals: torch.Tensor, mask: torch.Tensor | None = None,
-               reward_weight: float = 1.0, done_weight: float = 1.0) -> dict[str, torch.Tensor]:
+               reward_weight: float = 1.0, done_weight: float = 1.0,
+               next_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """GMM NLL of next_latents (B, T, L) + reward_weight * MSE(reward) + done_weight * BCE(done).
 
     rewards and terminals are (B, T); mask (B, T) selects valid steps of padded sequences, with the
-    same per-element averaging as gmm_loss. Returns dict(loss, gmm, reward, done) of scalars.
+    same per-element averaging as gmm_loss. next_mask (B, T), if given, replaces mask for the GMM
+    term only: a rollout's last step has a reward and a done flag but no next latent.
+    Returns dict(loss, gmm, reward, done) of scalars.
     """
-    gmm = gmm_loss(next_latents, out.mu, out.logsigma, out.logpi, mask)
+    gmm = gmm_loss(next_latents, out.mu, out.logsigma, out.logpi, mask if next_mask is None else next_mask)
     reward = _masked_mean((out.reward - rewards).pow(2), mask)
     done = _masked_mean(F.binary_cross_entropy_with_logits(
         out.done_logit, terminals.to(out.done_logit.dtype), reduction="none"), mask)

@@ -1,0 +1,213 @@
+"""Stage 3: train M, the MDN-RNN, on V's latents of the rollouts.
+
+    python trainmdrnn.py --logdir logs [--dataset datasets/carracing]
+
+Every frame is encoded once by V's best checkpoint into a latent cache (`L/mdrnn/latents.npz`,
+rebuilt when V or the dataset changes); each batch then draws z = mu + sigma * eps from it, for
+the inputs z_t and the targets z_{t+1}, as the paper does. Loss: the mixture NLL of z_{t+1} +
+reward MSE + done BCE. Writes `L/mdrnn/{last,best}.pt`, `log.csv`, `curves.png` and
+`prediction.png` (predicted vs true next latents and rewards on a test rollout). Resumes from
+`last.pt` unless --noreload.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from data.latents import build_latent_cache, cache_path, load_latent_cache, read_meta, split_latents
+from data.loaders import SequenceDataset
+from envs.carracing import ACTION_SIZE
+from models.mdrnn import MDRNN, mdrnn_loss
+from utils.checkpoint import LAST, fail, load_checkpoint, require_checkpoint
+from utils.logs import plt
+from utils.training import TrainingRun, fit, pick_device, seed_everything
+
+SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--logdir", required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/")
+    p.add_argument("--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)")
+    p.add_argument("--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt")
+    p.add_argument("--epochs", type=positive(int), default=30, help="epochs in all, counted across resumes")
+    p.add_argument("--batch-size", type=positive(int), default=32, help="sequences per batch")
+    p.add_argument("--seq-len", type=positive(int), default=32, help="steps per training sequence (truncated BPTT)")
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    p.add_argument("--hidden-size", type=positive(int), default=256, help="LSTM hidden size")
+    p.add_argument("--gaussians", type=positive(int), default=5, help="mixture components per latent dimension")
+    p.add_argument("--reward-weight", type=float, default=1.0, help="weight of the reward MSE in the loss")
+    p.add_argument("--done-weight", type=float, default=1.0, help="weight of the done BCE in the loss")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    p.add_argument("--patience", type=int, default=10, help="early stopping after this many epochs without test improvement (0 disables)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and latent sampling")
+    return p.parse_args(argv)
+
+
+def sample_z(batch: dict[str, torch.Tensor], device: torch.device, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw z = mu + sigma * eps for the batch's steps and their next steps -> (z_t, z_{t+1}).
+
+    One draw per frame: the window's S frames plus the frame after its last step form S+1
+    frames, so the target z_{t+1} of step t is the very sample fed as input at step t+1, as
+    when a rollout's frames are each encoded once. Steps past a rollout's end are padding that
+    the loss masks out.
+    """
+    mu = torch.cat([batch["mu"], batch["next_mu"][:, -1:]], 1).to(device, non_blocking=True)  # (B, S+1, L)
+    logsigma = torch.cat([batch["logsigma"], batch["next_logsigma"][:, -1:]], 1).to(device, non_blocking=True)
+    eps = torch.randn(mu.shape, device=device, generator=generator)
+    z = mu + logsigma.exp() * eps  # (B, S+1, L)
+    return z[:, :-1], z[:, 1:]
+
+
+def batch_loss(model: MDRNN, batch: dict[str, torch.Tensor], device: torch.device, reward_weight: float,
+               done_weight: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Forward one batch of cached latents; the GMM term is masked by next_mask (no frame
+    follows a rollout's last step), reward and done by mask (padding of short windows)."""
+    z, next_z = sample_z(batch, device, generator)  # (B, S, L) each
+    out = model(z, batch["actions"].to(device))  # heads (B, S, L, K), reward/done (B, S)
+    return mdrnn_loss(out, next_z, batch["rewards"].to(device), batch["terminals"].to(device),
+                      mask=batch["mask"].to(device), reward_weight=reward_weight, done_weight=done_weight,
+                      next_mask=batch["next_mask"].to(device))
+
+
+def make_steps(model: MDRNN, optimizer: torch.optim.Optimizer, device: torch.device, args: argparse.Namespace
+               ) -> tuple[Callable, Callable]:
+    """train_step / test_step for utils.training.fit. Training noise comes from the global
+    torch RNG (saved in last.pt: exact resumes); the test pass redraws the same noise every
+    epoch (generator reseeded when a pass starts, see FixedNoise) so test losses compare."""
+    def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        losses = batch_loss(model, batch, device, args.reward_weight, args.done_weight)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        return {k: v.item() for k, v in losses.items()} | {"items": len(batch["mask"])}
+
+    def test_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        losses = batch_loss(model, batch, device, args.reward_weight, args.done_weight, batch.pop("generator"))
+        return {k: v.item() for k, v in losses.items()} | {"items": len(batch["mask"])}
+
+    return train_step, test_step
+
+
+class FixedNoise:
+    """Wraps the test SequenceDataset: every pass hands the same freshly seeded generator
+    with its batches, so each epoch's test loss uses the same draws of z."""
+
+    def __init__(self, data: SequenceDataset, device: torch.device, seed: int) -> None:
+        self.data, self.device, self.seed = data, device, seed
+
+    def __iter__(self):
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        for batch in self.data:
+            yield batch | {"generator": generator}
+
+
+@torch.no_grad()
+def plot_prediction(model: MDRNN, rollout: dict[str, np.ndarray], path: Path, device: torch.device, dims: int = 4) -> None:
+    """Predicted (mixture mean) vs true next latent mu for a few dims, and predicted vs true
+    reward, along one test rollout fed with z = mu (deterministic, so plots compare)."""
+    mu = torch.from_numpy(rollout["mu"]).to(device)[None]  # (1, T, L)
+    out = model(mu, torch.from_numpy(rollout["actions"]).to(device)[None])
+    mean = (out.logpi.exp() * out.mu).sum(-1)[0].cpu().numpy()  # (T, L): E[z_{t+1}]
+    true_next = rollout["mu"][1:]  # (T-1, L)
+    dims = min(dims, mu.shape[-1])
+    fig, axes = plt.subplots(dims + 1, 1, figsize=(9, 1.8 * (dims + 1)), sharex=True)
+    steps = np.arange(len(rollout["rewards"]))  # output t predicts z_{t+1} and r_t
+    for d, ax in enumerate(axes[:dims]):
+        ax.plot(steps[:-1], true_next[:, d], label="true mu", lw=1)
+        ax.plot(steps[:-1], mean[:-1, d], label="predicted (mixture mean)", lw=1)
+        ax.set_ylabel(f"z[{d}] at t+1")
+    axes[-1].plot(steps, rollout["rewards"], label="true", lw=1)
+    axes[-1].plot(steps, out.reward[0].cpu().numpy(), label="predicted", lw=1)
+    axes[-1].set_ylabel("reward r_t")
+    axes[-1].set_xlabel("step t (M has seen z and actions up to t)")
+    axes[0].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"M on test rollout {rollout['file']}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return train(parse_args(argv))
+    except KeyboardInterrupt:  # checkpoints and the cache are written atomically: nothing is half-written
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def train(args: argparse.Namespace) -> int:
+    """Build the cache, then M, then hand both to utils.training.fit."""
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    stage = Path(args.logdir) / "mdrnn"
+
+    # V first (its absence is the first thing to fix), then the cache of its latents
+    vae_config = require_checkpoint(args.logdir, "vae")["config"]
+    v_print = read_meta(build_latent_cache(args.logdir, args.dataset, device))["vae"]  # the V the cache holds
+    # V's own split (trainvae.py: split_rollouts(paths, test_fraction, seed)), so M never trains on V's test rollouts
+    rollouts = load_latent_cache(args.logdir, vae_config.get("test_fraction", 0.1), vae_config.get("seed", 0))
+    train_rollouts, test_rollouts = split_latents(rollouts)
+    if not train_rollouts or not test_rollouts:
+        fail(f"need at least 2 usable rollouts under {args.dataset} for a train/test split, found {len(rollouts)}")
+    if not args.noreload and (stage / LAST).exists():
+        previous = load_checkpoint(stage / LAST).get("vae_fingerprint")
+        if previous is not None and previous != v_print:
+            fail(f"{stage / LAST} was trained on the latents of another V ({Path(args.logdir) / 'vae' / 'best.pt'} changed since); use --noreload to start afresh")
+
+    config = {
+        "latent_size": int(vae_config["latent_size"]), "action_size": ACTION_SIZE,
+        "hidden_size": args.hidden_size, "gaussians": args.gaussians,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
+        "reward_weight": args.reward_weight, "done_weight": args.done_weight, "grad_clip": args.grad_clip,
+        "seed": args.seed, "dataset": str(args.dataset),
+    }
+    model = MDRNN(**{k: config[k] for k in SIZE_KEYS}).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
+    next_keys = ("mu", "logsigma")
+    train_data = SequenceDataset(train_rollouts, args.seq_len, args.batch_size, shuffle=True, next_keys=next_keys, seed=args.seed)
+    test_data = SequenceDataset(test_rollouts, args.seq_len, args.batch_size, shuffle=False, next_keys=next_keys)
+    train_step, test_step = make_steps(model, optimizer, device, args)
+    plot_rollout = next(r for r in rollouts if r["test"])
+
+    run = TrainingRun(
+        stage_dir=stage, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
+        train_data=train_data, test_data=FixedNoise(test_data, device, args.seed),
+        train_step=train_step, test_step=test_step, metrics=["gmm", "reward", "done"],
+        unit="sequence", patience=args.patience, config_keys=SIZE_KEYS,
+        on_epoch_end=lambda epoch, _: plot_prediction(model, plot_rollout, stage / "prediction.png", device),
+        extra_state={"vae_fingerprint": v_print},
+    )
+    frames = sum(len(r["mu"]) for r in rollouts)
+    print(f"M: latent {config['latent_size']}, hidden {args.hidden_size}, {args.gaussians} gaussians; "
+          f"{len(train_rollouts)} train / {len(test_rollouts)} test rollouts ({frames} frames) from {cache_path(args.logdir)}; device {device}")
+    summary = fit(run, args.epochs, noreload=args.noreload)
+    print(f"done: {summary['epoch']} epochs{' (stopped early)' if summary['stopped_early'] else ''}, "
+          f"best test loss {summary['best_loss']:.5g}; M in {stage / 'best.pt'}, curves in {stage / 'curves.png'}, "
+          f"prediction plot in {stage / 'prediction.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
