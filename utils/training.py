@@ -124,7 +124,10 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
     early = EarlyStopping(run.patience)
     start_epoch, best_loss = 1, math.inf
     if not noreload and last_path.exists():
-        state = load_checkpoint(last_path, map_location="cpu")
+        try:
+            state = load_checkpoint(last_path, map_location="cpu")
+        except Exception as error:  # truncated or foreign file: one line, not a traceback
+            fail(f"cannot read {last_path} ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}); use --noreload to start afresh")
         check_config(state["config"], run.config, last_path, run.config_keys)
         run.model.load_state_dict(state["state_dict"])
         run.optimizer.load_state_dict(state["optimizer"])
