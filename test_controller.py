@@ -1,0 +1,145 @@
+"""Evaluate the trained controller (with V and M) in the real CarRacing env -> L/ctrl/eval/.
+
+    python test_controller.py --logdir L [--episodes 100] [--display] [--record run.gif]
+
+The tracks are fixed by --seed and disjoint from every track used in training or in its
+evaluations (utils.agent.holdout_seeds), so the numbers printed are held-out returns;
+episode i is the same track whatever --episodes is. Episodes run in parallel in a
+utils.pool.WorkerPool; with --display they run one at a time in a window instead (closing
+the window sends the rest back to the workers). --record replays episode 0 and writes it as
+a GIF; the agent is deterministic, so its return is episode 0's.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.carracing import positive_int
+from envs.carracing import make_env
+from utils.agent import (Agent, WindowClosed, evaluate_candidates, holdout_seeds, init_worker,
+                         load_best_controller, load_world, open_window_env, run_episode)
+from utils.checkpoint import fail
+from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
+from utils.params import get_flat_params
+from utils.pool import WorkerError, WorkerPool
+
+GIF_FPS, GIF_SCALE = 25, 0.5  # every 2nd frame of the 50 fps env, at half of its 600x400 size
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/.")
+    parser.add_argument("--logdir", required=True, help="folder holding vae/, mdrnn/ and ctrl/")
+    parser.add_argument("--episodes", type=positive_int, default=100, help="held-out tracks to run (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the held-out tracks (default 0)")
+    parser.add_argument("--display", action="store_true", help="watch the episodes in a window (one at a time)")
+    parser.add_argument("--record", metavar="FILE", help="write episode 0 as an animated GIF to FILE")
+    parser.add_argument("--max-steps", type=positive_int, default=1000, help="steps per episode at most (default 1000)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (default: all CPU cores)")
+    parser.add_argument("--task-timeout", type=float, default=300.0, help="seconds one episode may take before its worker is replaced (default 300)")
+    parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    if not args.task_timeout > 0:
+        parser.error("--task-timeout must be > 0")
+    return args
+
+
+def write_gif(frames: list, path: Path, fps: int) -> None:
+    """PIL images -> looping animated GIF, written under a temporary name then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.gif")
+    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    fast = not args.slow_env
+    vae, mdrnn, config = load_world(args.logdir)
+    controller, state = load_best_controller(args.logdir, config)
+    seeds = holdout_seeds(args.seed, args.episodes)
+    print(f"C from generation {state.get('generation')} (eval return {state.get('eval_return', float('nan')):.1f} in training) "
+          f"on {len(seeds)} held-out tracks")
+
+    # -- watched episodes, in this process ---------------------------------------------------------
+    results: list[tuple[float, int]] = []
+    if args.display:
+        env, problem = open_window_env(fast, seeds[0])
+        if env is None:
+            print(f"display: {problem}; running headless", flush=True)
+        else:
+            agent = Agent(vae, mdrnn, controller)
+            try:
+                for index, seed in enumerate(seeds):
+                    results.append(run_episode(env, agent, seed, args.max_steps, render=True))
+                    print(f"episode {index}: return {results[-1][0]:.1f} in {results[-1][1]} steps", flush=True)
+            except WindowClosed:
+                print("display: window closed; the remaining episodes run headless", flush=True)
+            finally:
+                env.close()
+
+    # -- the rest, in parallel -------------------------------------------------------------------
+    remaining = seeds[len(results):]
+    if remaining:
+        workers = min(args.workers, len(remaining))
+        try:
+            with WorkerPool(workers, init_worker, (args.logdir, fast, config), task_timeout=args.task_timeout,
+                            log=lambda text: tqdm.write(text, file=sys.stderr)) as pool, \
+                    tqdm(total=len(remaining), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar:
+                _, returns, steps = evaluate_candidates(pool, [get_flat_params(controller)], remaining, args.max_steps,
+                                                        lambda i, r: bar.update())
+        except KeyboardInterrupt:
+            print("\ninterrupted; nothing written", file=sys.stderr)
+            sys.exit(130)
+        except WorkerError as error:
+            last_line = next((line for line in reversed(str(error).strip().splitlines()) if line.strip()), "unknown")
+            fail(f"a worker failed: {last_line.strip()}")
+        results += list(zip(returns[0].tolist(), steps[0].tolist()))
+
+    # -- report -------------------------------------------------------------------------------------
+    returns = np.array([r for r, _ in results])  # (episodes,)
+    eval_dir = Path(args.logdir) / "ctrl" / "eval"
+    log = CSVLog(eval_dir / "returns.csv", ["episode", "seed", "return", "steps"], step_field="episode")
+    for index, (seed, (ret, n)) in enumerate(zip(seeds, results)):
+        log.append(dict(episode=index, seed=seed, **{"return": float(ret)}, steps=n))
+    summary = f"{returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})"
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(returns, bins=min(30, max(5, len(returns) // 3)))
+    ax.axvline(returns.mean(), color="k", linestyle="--", label="mean")
+    ax.set(xlabel="episode return", ylabel="episodes", title=f"C on {len(returns)} held-out tracks: {summary}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(eval_dir / "returns.png", dpi=100)
+    plt.close(fig)
+    print(f"return over {len(returns)} episodes: {summary}; per-episode returns in {eval_dir / 'returns.csv'}")
+
+    if args.record:
+        from PIL import Image
+
+        frames: list = []
+        counter = itertools.count()
+
+        def keep(frame: np.ndarray) -> None:  # frame (400, 600, 3) uint8
+            if next(counter) % 2 == 0:  # 50 fps -> 25 fps
+                image = Image.fromarray(frame)
+                frames.append(image.resize((round(image.width * GIF_SCALE), round(image.height * GIF_SCALE)), Image.BILINEAR))
+
+        env = make_env(fast=fast, render_mode="rgb_array")
+        ret, n = run_episode(env, Agent(vae, mdrnn, controller), seeds[0], args.max_steps, render=True, on_frame=keep)
+        env.close()
+        write_gif(frames, Path(args.record), GIF_FPS)
+        print(f"recorded episode 0 (return {ret:.1f}, {n} steps) to {args.record}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while loading, before any work: nothing to save
+        sys.exit(130)

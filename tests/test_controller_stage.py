@@ -1,0 +1,300 @@
+"""Stage 4 (C + CMA-ES) for real, small: random-init V (latent 8) and M (hidden 16), pop 4,
+episodes of 30 steps in the real CarRacing env.
+
+Covers: fitness = mean of the episodes' returns; resuming continues the very same search;
+actions stay in the box for any parameters; missing or mismatched checkpoints give one line;
+Ctrl-C leaves a valid last.pt and no workers; an end-to-end run trains, resumes, is evaluated
+by test_controller.py and recorded as a GIF. Pool failures are in test_pool.py.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from envs.carracing import make_env
+from models.controller import Controller
+from models.mdrnn import MDRNNCell
+from models.vae import VAE
+from utils.agent import Agent, evaluate_candidates, init_worker, load_world, run_episode, train_seeds
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.params import count_params, get_flat_params, set_flat_params
+from utils.pool import WorkerPool
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENT, HIDDEN, STEPS = 8, 16, 30
+SMALL = ["--pop-size", "4", "--n-samples", "2", "--max-steps", str(STEPS), "--eval-episodes", "2", "--sigma0", "0.5",
+         "--max-workers", "2"]
+
+
+def make_world(logdir: Path, latent: int = LATENT, hidden: int = HIDDEN) -> Path:
+    """Random-init V and M checkpoints, laid out as trainvae.py / trainmdrnn.py write them."""
+    torch.manual_seed(0)
+    vae, mdrnn = VAE(latent_size=latent), MDRNNCell(latent, 3, hidden, 5)
+    for stage, model in (("vae", vae), ("mdrnn", mdrnn)):
+        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config, "epoch": 1, "best_loss": 1.0})
+    return logdir
+
+
+def run_script(script: str, *args: str, display: str | None = None, wait: bool = True):
+    """Run a top-level script like a user would. display=None: no display at all; "dummy": SDL's virtual one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")}
+    if display:
+        env["SDL_VIDEODRIVER"] = display
+    process = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A user's session: 1 generation with --display on a machine without one, then a resume to 2."""
+    logdir = make_world(tmp_path_factory.mktemp("trained"))
+    first = run_script("traincontroller.py", "--logdir", str(logdir), *SMALL, "--generations", "1", "--display")
+    assert first.returncode == 0, first.stderr
+    shutil.copy(logdir / "ctrl" / "last.pt", logdir / "last_after_1.pt")
+    second = run_script("traincontroller.py", "--logdir", str(logdir), *SMALL, "--generations", "2")
+    assert second.returncode == 0, second.stderr
+    return dict(logdir=logdir, first=first, second=second)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def test_flat_params_roundtrip():
+    controller = Controller(LATENT, HIDDEN, 3)
+    flat = np.random.default_rng(0).normal(size=count_params(controller))
+    assert count_params(controller) == (LATENT + HIDDEN) * 3 + 3
+    np.testing.assert_allclose(get_flat_params(set_flat_params(controller, flat)), flat, rtol=1e-6)
+    assert get_flat_params(controller).dtype == np.float64
+    with pytest.raises(ValueError, match="expected a flat vector"):
+        set_flat_params(controller, flat[:-1])
+
+
+@pytest.mark.parametrize("scale", [1e6, -1e6, 30.0])
+def test_actions_stay_in_action_space(world, scale):
+    """Extreme controller parameters saturate, they never leave the box CarRacing accepts."""
+    vae, mdrnn, config = load_world(world)
+    controller = Controller(**config)
+    rng = np.random.default_rng(int(abs(scale)))
+    set_flat_params(controller, scale * (rng.random(count_params(controller)) if scale > 0 else np.ones(count_params(controller))))
+    agent, env = Agent(vae, mdrnn, controller), make_env()
+    obs, _ = env.reset(seed=1)
+    for _ in range(10):
+        action = agent.act(obs)
+        assert action.shape == (3,) and action.dtype == np.float32
+        assert env.action_space.contains(action), action
+        obs, *_ = env.step(action)
+    env.close()
+
+
+def test_fitness_is_mean_of_episode_returns(world):
+    """The pool's fitness for a candidate = mean of run_episode returns on its seeds, computed here directly."""
+    vae, mdrnn, config = load_world(world)
+    rng = np.random.default_rng(0)
+    candidates = [rng.normal(scale=0.5, size=count_params(Controller(**config))) for _ in range(2)]
+    seeds = train_seeds(0, 1, 2)
+    with WorkerPool(2, init_worker, (str(world), True, config), task_timeout=120) as pool:
+        fitness, returns, steps = evaluate_candidates(pool, candidates, seeds, STEPS)
+    assert fitness.shape == (2,) and returns.shape == steps.shape == (2, 2)
+    agent, env = Agent(vae, mdrnn, Controller(**config)), make_env()
+    for p, params in enumerate(candidates):
+        set_flat_params(agent.controller, params)
+        direct = [run_episode(env, agent, seed, STEPS) for seed in seeds]
+        assert [r for r, _ in direct] == returns[p].tolist()  # same episodes, bit for bit
+        assert [n for _, n in direct] == steps[p].tolist() == [STEPS, STEPS]
+        assert fitness[p] == np.mean([r for r, _ in direct])
+    env.close()
+
+
+def test_display_process_drives_best_controller(trained):
+    """watch_best (the --display process) opens a window (SDL's virtual one here) and drives best.pt."""
+    code = f"from utils.agent import watch_best; watch_best({str(trained['logdir'])!r}, 20, 0, episodes=2)"
+    env = dict(os.environ, SDL_VIDEODRIVER="dummy")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "display:" not in result.stderr  # no "cannot open" / "closed" message
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_restores_saved_search(trained):
+    """last.pt after generation 1 holds the es itself: same sigma, mean = the saved C, generation 1."""
+    state = load_checkpoint(trained["logdir"] / "last_after_1.pt")  # weights_only=True
+    es = pickle.loads(state["es"])
+    assert state["generation"] == 1 and es.countiter == 1
+    assert es.sigma == state["sigma"]
+    controller = Controller(**state["config"])
+    controller.load_state_dict(state["state_dict"])
+    np.testing.assert_allclose(get_flat_params(controller), es.mean, atol=1e-6)
+    assert "resuming" in trained["second"].stdout and "after generation 1" in trained["second"].stdout
+
+
+def test_two_generations_equal_one_plus_resume(trained, tmp_path):
+    """An uninterrupted 2-generation run and 1 generation + resume give the same search."""
+    import traincontroller
+
+    logdir = make_world(tmp_path)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        traincontroller.main(["--logdir", str(logdir), *SMALL, "--generations", "2"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    straight = load_checkpoint(logdir / "ctrl" / "last.pt")
+    resumed = load_checkpoint(trained["logdir"] / "ctrl" / "last.pt")
+    es_straight, es_resumed = pickle.loads(straight["es"]), pickle.loads(resumed["es"])
+    assert straight["generation"] == resumed["generation"] == 2
+    assert np.array_equal(es_straight.mean, es_resumed.mean)
+    assert es_straight.sigma == es_resumed.sigma
+    assert np.array_equal(es_straight.sm.C, es_resumed.sm.C)
+    fitness = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma"]
+    rows = [[{k: r[k] for k in fitness} for r in read_csv(d / "ctrl" / "log.csv")] for d in (logdir, trained["logdir"])]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
+
+
+# ----------------------------------------------------------------------------- as a user
+
+def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
+    logdir, first, second = trained["logdir"], trained["first"], trained["second"]
+    assert "display: no display" in first.stdout + first.stderr and "Traceback" not in first.stderr
+    assert "stopped after generation 2: --generations 2 reached" in second.stdout
+    log = read_csv(logdir / "ctrl" / "log.csv")
+    assert [r["generation"] for r in log] == ["1", "2"] and all(r["eval_mean"] for r in log)
+    assert (logdir / "ctrl" / "curves.png").stat().st_size > 0
+    best = load_checkpoint(logdir / "ctrl" / "best.pt")
+    assert best["config"] == dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3)
+    Controller(**best["config"]).load_state_dict(best["state_dict"])
+    assert best["eval_return"] == pytest.approx(max(float(r["eval_mean"]) for r in log), rel=1e-5)
+
+    gif = tmp_path / "episode.gif"
+    result = run_script("test_controller.py", "--logdir", str(logdir), "--episodes", "2", "--max-steps", str(STEPS),
+                        "--record", str(gif), "--display", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "display: no display" in result.stdout and "Traceback" not in result.stderr
+    assert "return over 2 episodes" in result.stdout
+    rows = read_csv(logdir / "ctrl" / "eval" / "returns.csv")
+    assert len(rows) == 2 and all(int(r["steps"]) == STEPS for r in rows)
+    assert (logdir / "ctrl" / "eval" / "returns.png").stat().st_size > 0
+    assert f"recorded episode 0 (return {float(rows[0]['return']):.1f}" in result.stdout  # deterministic replay
+    from PIL import Image
+
+    with Image.open(gif) as image:
+        assert image.n_frames > 5 and image.size == (300, 200)
+
+
+def test_interrupt_leaves_valid_last_pt(tmp_path):
+    """Ctrl-C mid-generation: exit 130, one message, a loadable last.pt, and no worker left running."""
+    logdir = make_world(tmp_path)
+    process = run_script("traincontroller.py", "--logdir", str(logdir), "--pop-size", "4", "--max-steps", "1000",
+                         "--max-workers", "2", wait=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_children(process.pid)) < 3:  # 2 workers + multiprocessing's tracker
+        time.sleep(0.2)
+    workers = _children(process.pid)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted in generation 1" in err
+    state = load_checkpoint(logdir / "ctrl" / "last.pt")
+    assert state["generation"] == 0 and pickle.loads(state["es"]).countiter == 0
+    time.sleep(0.5)
+    assert not [pid for pid in workers if _running(pid)]
+
+
+def _children(pid: int) -> list[int]:
+    result = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in result.stdout.split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+def run_main(capsys, module: str, *args: str) -> str:
+    """A script's main() in this process (no interpreter start-up): its one-line error on stderr."""
+    import importlib
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as info:
+            importlib.import_module(module).main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_missing_checkpoints_name_the_command(tmp_path, capsys):
+    # as a user runs it: exit status, stderr, no traceback
+    assert_one_line_error(run_script("traincontroller.py", "--logdir", str(tmp_path / "empty")), "vae", "python trainvae.py --logdir")
+    only_v = make_world(tmp_path / "only_v")
+    (only_v / "mdrnn" / "best.pt").unlink()
+    assert "python trainmdrnn.py --logdir" in run_main(capsys, "traincontroller", "--logdir", str(only_v))
+    assert "python trainmdrnn.py --logdir" in run_main(capsys, "test_controller", "--logdir", str(only_v))
+    no_c = make_world(tmp_path / "no_c")
+    assert "python traincontroller.py --logdir" in run_main(capsys, "test_controller", "--logdir", str(no_c))
+
+
+def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
+    """A C made for other V/M sizes (say M was retrained with hidden 32): one line, --noreload."""
+    import traincontroller
+
+    logdir = make_world(tmp_path)
+    other = dict(latent_size=LATENT, hidden_size=32, action_size=3)
+    es = traincontroller.new_search(other, 4, 0.1, 0)
+    search = dict(pop_size=4, sigma0=0.1, seed=0)
+    save_checkpoint(logdir / "ctrl" / "last.pt", {"es": pickle.dumps(es), "generation": 0, "sigma": 0.1,
+                                                   "best_eval_return": -1e9, "best_generation": 0, "config": other,
+                                                   "search": search, "state_dict": Controller(**other).state_dict()})
+    save_checkpoint(logdir / "ctrl" / "best.pt", {"state_dict": Controller(**other).state_dict(), "config": other,
+                                                   "generation": 1, "eval_return": 1.0, "eval_std": 0.0})
+    line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
+    assert "hidden_size=32" in line and "--noreload" in line
+    line = run_main(capsys, "test_controller", "--logdir", str(logdir), "--episodes", "1")
+    assert "hidden 32" in line and "--noreload" in line
+
+    same = dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3)
+    state = load_checkpoint(logdir / "ctrl" / "last.pt")
+    state |= {"es": pickle.dumps(traincontroller.new_search(same, 4, 0.1, 0)), "config": same}
+    save_checkpoint(logdir / "ctrl" / "last.pt", state)
+    line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "8")  # the saved es samples 4
+    assert "pop_size=4" in line and "--noreload" in line
