@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from data.carracing import positive_int
+from envs.simulated_carracing import DreamEvaluator
 from models.controller import Controller
 from utils.agent import (display_problem, eval_seeds, evaluate_candidates, init_worker, load_world,
                          train_seeds, watch_best)
@@ -51,7 +52,7 @@ from utils.params import count_params, get_flat_params, set_flat_params
 from utils.pool import WorkerError, WorkerPool
 
 LOG_FIELDS = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma",
-              "eval_mean", "eval_std", "steps_per_s", "time_s"]
+              "eval_mean", "eval_std", "eval_dream_mean", "steps_per_s", "dream_steps_per_s", "time_s"]
 
 
 def non_negative_int(text: str) -> int:
@@ -85,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds CMA-ES, the initial C and the track seeds (default 0)")
     parser.add_argument("--task-timeout", type=positive_float, default=300.0, help="seconds one episode may take before its worker is presumed hung, replaced and the episode rerun (default 300)")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    parser.add_argument("--dream", action="store_true", help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env")
+    parser.add_argument("--temperature", type=positive_float, default=1.15, help="dream temperature tau, with --dream (default 1.15)")
     args = parser.parse_args(argv)
     if args.pop_size < 2:
         parser.error("--pop-size must be >= 2 for CMA-ES")
@@ -180,10 +183,15 @@ def main(argv: list[str] | None = None) -> None:
         return None
 
     # -- workers, display, log -----------------------------------------------------------------
-    workers = min(args.max_workers, args.pop_size * args.n_samples)
-    started, total_steps, reason, pool, display = time.perf_counter(), 0, stop_reason(), None, None
+    # Dream mode scores candidates in this process (batched tensors); the pool then only runs
+    # the real-env evaluations of the CMA-ES mean, so it needs no more workers than those.
+    dream = DreamEvaluator(args.logdir, args.temperature, args.max_steps) if args.dream else None
+    workers = min(args.max_workers, args.eval_episodes if dream else args.pop_size * args.n_samples)
+    started, reason, pool, display = time.perf_counter(), stop_reason(), None, None
+    env_steps, dream_steps = 0, 0  # totals over this run, for the summary line
     if reason is None:
-        print(f"C: {count_params(Controller(**config))} parameters, population {es.popsize} x {args.n_samples} tracks, "
+        where = f"in the dream (tau {args.temperature:g}), real-env evaluations on" if dream else "on"
+        print(f"C: {count_params(Controller(**config))} parameters, population {es.popsize} x {args.n_samples} tracks {where} "
               f"{workers} CPU workers, generations {generation + 1}..{args.generations}")
     else:
         print(f"nothing to do: {reason} (raise --generations to go on, or --noreload to start afresh)")
@@ -207,10 +215,18 @@ def main(argv: list[str] | None = None) -> None:
             solutions = es.ask()  # pop_size arrays of (n_params,)
             seeds = train_seeds(args.seed, generation, args.n_samples)
             with tqdm(total=len(solutions) * len(seeds), unit="ep", desc=f"generation {generation}/{args.generations}", dynamic_ncols=True) as bar:
-                fitness, _, steps = evaluate_candidates(pool, solutions, seeds, args.max_steps, lambda i, r: bar.update())
+                if dream:  # the whole population at once: one batched LSTM step per time step
+                    fitness, _, steps = dream.evaluate(solutions, seeds)
+                    bar.update(len(solutions) * len(seeds))
+                else:
+                    fitness, _, steps = evaluate_candidates(pool, solutions, seeds, args.max_steps, lambda i, r: bar.update())
                 bar.set_postfix(best=f"{fitness.max():.1f}", mean=f"{fitness.mean():.1f}", sigma=f"{es.sigma:.3g}")
+            search_time, search_steps, eval_steps = time.perf_counter() - t0, int(steps.sum()), 0
+            if dream:
+                dream_steps += search_steps
+            else:
+                env_steps += search_steps
             es.tell(solutions, (-fitness).tolist())  # cma minimises
-            gen_steps = int(steps.sum())
             row = dict(generation=generation, best_fitness=float(fitness.max()), mean_fitness=float(fitness.mean()),
                        worst_fitness=float(fitness.min()), sigma=float(es.sigma))
 
@@ -220,8 +236,11 @@ def main(argv: list[str] | None = None) -> None:
                 seeds = eval_seeds(args.seed, generation, args.eval_episodes)
                 with tqdm(total=len(seeds), unit="ep", desc=f"evaluation {generation}", dynamic_ncols=True, leave=False) as bar:
                     _, returns, steps = evaluate_candidates(pool, [mean], seeds, args.max_steps, lambda i, r: bar.update())
-                gen_steps += int(steps.sum())
+                eval_steps = int(steps.sum())
+                env_steps += eval_steps
                 row |= dict(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
+                if dream:  # the same tracks' seeds in the dream: how far dream and real returns agree
+                    row["eval_dream_mean"] = float(dream.evaluate([mean], seeds)[0][0])
                 improved = row["eval_mean"] > best_eval
                 if improved:
                     best_eval, best_generation = row["eval_mean"], generation
@@ -236,11 +255,16 @@ def main(argv: list[str] | None = None) -> None:
             save_last()
 
             elapsed = time.perf_counter() - t0
-            total_steps += gen_steps
-            log.append(row | dict(steps_per_s=gen_steps / elapsed, time_s=elapsed))
+            if dream:  # the search ran in the dream, the evaluation (if any) in the real env
+                row["dream_steps_per_s"] = search_steps / search_time
+                if eval_steps:
+                    row["steps_per_s"] = eval_steps / (elapsed - search_time)
+            else:
+                row["steps_per_s"] = (search_steps + eval_steps) / elapsed
+            log.append(row | dict(time_s=elapsed))
             plot_columns(log.path, ctrl_dir / "curves.png", "generation",
-                         {"return": ["best_fitness", "mean_fitness", "worst_fitness", "eval_mean"],
-                          "CMA-ES step size": ["sigma"], "env steps/s": ["steps_per_s"]}, title="controller (CMA-ES)")
+                         {"return": ["best_fitness", "mean_fitness", "worst_fitness", "eval_mean", "eval_dream_mean"],
+                          "CMA-ES step size": ["sigma"], "steps/s": ["steps_per_s", "dream_steps_per_s"]}, title="controller (CMA-ES)")
     except KeyboardInterrupt:
         print(f"\ninterrupted in generation {generation}; {last_path} holds generation {generation - 1}: "
               f"rerun the same command to resume", file=sys.stderr, flush=True)
@@ -259,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
 
     minutes = (time.perf_counter() - started) / 60
     best_text = f"best eval return {best_eval:.1f} (generation {best_generation}) in {best_path}" if best_generation else "no evaluation yet"
-    rate = f", {total_steps / (minutes * 60):.0f} env steps/s" if total_steps else ""
+    rate = f", {env_steps / (minutes * 60):.0f} env steps/s" if env_steps and not dream else ""
+    rate += f", {dream_steps} dream steps" if dream_steps else ""
     print(f"C: stopped after generation {generation}: {reason}; {best_text}; {minutes:.1f} min{rate}")
 
 
