@@ -1,9 +1,75 @@
-# World Models on CarRacing-v3. `make test` and `make pipeline` create .venv when missing.
+# World Models on CarRacing-v3. `make test`, `make pipeline` and `make smoke` create .venv when missing.
+#
+#   make test       the test suite
+#   make pipeline   data -> V -> M -> C, then TEST_EPISODES test episodes and $(LOGDIR)/report/report.md;
+#                   rerun it after an interruption: every stage resumes where it stopped
+#   make smoke      the same pipeline at toy size, from scratch, into $(SMOKE_DIR) (about a minute)
+#   make bench      speed benchmarks
+#   make data | vae | mdrnn | ctrl | evaluate | report    one stage alone, same settings
+#
+# Override any setting on the command line: make pipeline LOGDIR=runs/big ROLLOUTS=400 GENERATIONS=60
+
+# ---- the default profile: a 2-core CPU, no GPU, about 85 min on an idle machine (+ a few min for .venv) ----
+# run folder: vae/, mdrnn/, ctrl/ (checkpoints, logs, curves) and report/
+LOGDIR ?= logs
+# rollout folder (shared by runs; generation skips the rollouts already there)
+DATASET ?= datasets/carracing
+# Brownian-policy rollouts, ~12 MB each       data:  160k steps at ~600 steps/s on 2 cores, ~5 min
+ROLLOUTS ?= 160
+# steps per rollout at most (1000 is the env's limit)
+ROLLOUT_STEPS ?= 1000
+# worker processes for data generation, controller training and the test episodes
+THREADS ?= 2
+# V epochs                                    vae:   144k train frames/epoch at ~270 frames/s, ~9.5 min each, ~28 min
+VAE_EPOCHS ?= 3
+# M epochs                                    mdrnn: latent cache of 160k frames ~2.5 min + ~15 s/epoch, ~7 min
+MDRNN_EPOCHS ?= 20
+# steps per M training sequence (truncated BPTT)
+SEQ_LEN ?= 32
+# real: C learns in the real env; dream: inside M (appends --dream --temperature $(TEMPERATURE))
+CTRL_MODE ?= real
+# M's sampling temperature in dream mode
+TEMPERATURE ?= 1.15
+# CMA-ES population                           ctrl:  16 x 2 x 1000 steps at ~300 steps/s, ~110 s/generation
+POP_SIZE ?= 16
+# episodes (tracks) per candidate; fitness is their mean
+N_SAMPLES ?= 2
+# CMA-ES generations, counted across resumes  ctrl:  20 x 107 s + 4 evaluations x 27 s, ~37 min
+GENERATIONS ?= 20
+# evaluate the CMA-ES mean every this many generations (the best evaluation becomes ctrl/best.pt)
+EVAL_EVERY ?= 5
+# fresh tracks per evaluation
+EVAL_EPISODES ?= 8
+# steps per controller / test episode at most (1000 is the env's limit)
+EPISODE_STEPS ?= 1000
+# held-out test episodes                      test:  100 x 1000 steps at ~300 steps/s + ~45 s for the GIF, ~7 min
+TEST_EPISODES ?= 100
+# --noreload makes every stage start afresh instead of resuming (smoke sets it)
+NORELOAD ?=
+
+# ---- make smoke: every stage for real at toy size, from scratch (deletes $(SMOKE_DIR)/dataset and /logdir) ----
+SMOKE_DIR ?= runs/smoke
+SMOKE_PROFILE = LOGDIR=$(SMOKE_DIR)/logdir DATASET=$(SMOKE_DIR)/dataset NORELOAD=--noreload \
+	ROLLOUTS=4 ROLLOUT_STEPS=60 VAE_EPOCHS=1 MDRNN_EPOCHS=1 SEQ_LEN=16 \
+	POP_SIZE=4 N_SAMPLES=1 GENERATIONS=2 EVAL_EVERY=1 EVAL_EPISODES=2 EPISODE_STEPS=50 TEST_EPISODES=3
+
+# ---- interpreter ----
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# .venv is made only when PY is its interpreter: `make smoke PY=/some/python` uses that one as it is
+VENV_DEP := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 
-.PHONY: venv test bench clean-venv
+ifeq ($(filter $(CTRL_MODE),real dream),)
+$(error CTRL_MODE must be real or dream, not '$(CTRL_MODE)')
+endif
+CTRL_FLAGS := $(if $(filter dream,$(CTRL_MODE)),--dream --temperature $(TEMPERATURE))
+# each stage runs through utils/timing.py: one row per run (stage, seconds, started, status, command)
+# appended to timings.csv, never overwritten; the report sums the runs of each stage
+TIMED = $(PY) -m utils.timing --csv $(LOGDIR)/report/timings.csv --stage
+
+.PHONY: venv test bench clean-venv pipeline smoke data vae mdrnn ctrl evaluate report
+.NOTPARALLEL:  # the stages run one after another, in the order the prerequisites are listed
 
 venv: $(VENV)/.installed
 
@@ -22,3 +88,31 @@ bench: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+pipeline: $(VENV_DEP) data vae mdrnn ctrl evaluate report
+
+smoke: $(VENV_DEP)
+	rm -rf $(SMOKE_DIR)/dataset $(SMOKE_DIR)/logdir
+	$(MAKE) --no-print-directory pipeline $(SMOKE_PROFILE)
+
+data: $(VENV_DEP)
+	$(TIMED) data -- $(PY) data/generation_script.py --rollouts $(ROLLOUTS) --rootdir $(DATASET) --threads $(THREADS) --max-steps $(ROLLOUT_STEPS)
+
+vae: $(VENV_DEP)
+	$(TIMED) vae -- $(PY) trainvae.py --logdir $(LOGDIR) --dataset $(DATASET) --epochs $(VAE_EPOCHS) $(NORELOAD)
+
+mdrnn: $(VENV_DEP)
+	$(TIMED) mdrnn -- $(PY) trainmdrnn.py --logdir $(LOGDIR) --dataset $(DATASET) --epochs $(MDRNN_EPOCHS) --seq-len $(SEQ_LEN) $(NORELOAD)
+
+ctrl: $(VENV_DEP)
+	$(TIMED) ctrl -- $(PY) traincontroller.py --logdir $(LOGDIR) --pop-size $(POP_SIZE) --n-samples $(N_SAMPLES) \
+		--generations $(GENERATIONS) --eval-every $(EVAL_EVERY) --eval-episodes $(EVAL_EPISODES) \
+		--max-steps $(EPISODE_STEPS) --max-workers $(THREADS) $(CTRL_FLAGS) $(NORELOAD)
+
+# always reruns (no resume): the score must be of the current ctrl/best.pt
+evaluate: $(VENV_DEP)
+	$(TIMED) test -- $(PY) test_controller.py --logdir $(LOGDIR) --episodes $(TEST_EPISODES) --max-steps $(EPISODE_STEPS) \
+		--workers $(THREADS) --record $(LOGDIR)/ctrl/eval/episode.gif
+
+report: $(VENV_DEP)
+	$(PY) -m utils.report --logdir $(LOGDIR) --dataset $(DATASET)

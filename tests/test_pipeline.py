@@ -1,0 +1,84 @@
+"""The whole pipeline through `make smoke` (every stage for real, toy size), and the report
+and timing helpers on their own, including a run folder with pieces missing.
+
+`make smoke` gets PY=<this interpreter>, so it reuses the environment the tests run in and
+never creates or reinstalls .venv.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils.report import build_report, score_text
+from utils.timing import read_timings, run_timed
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["data", "vae", "mdrnn", "ctrl", "test"]
+
+
+def clean_env() -> dict[str, str]:
+    """This environment minus an outer make's flags and variables (`make test LOGDIR=...`)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_smoke_runs_every_stage_and_reports(tmp_path):
+    result = subprocess.run(["make", "smoke", f"PY={sys.executable}", f"SMOKE_DIR={tmp_path}", "CTRL_MODE=real"],
+                            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert "pip install" not in result.stdout  # reused this interpreter, no .venv work
+
+    logdir = tmp_path / "logdir"
+    assert len(list((tmp_path / "dataset").rglob("rollout_*.npz"))) == 4
+    for name in ["vae/best.pt", "mdrnn/best.pt", "ctrl/best.pt", "ctrl/eval/returns.csv", "ctrl/eval/episode.gif",
+                 "report/report.md", "report/test_returns.png", "report/episode.gif", "report/vae_recon.png",
+                 "report/mdrnn_curves.png", "report/ctrl_curves.png"]:
+        assert (logdir / name).is_file(), f"{name} missing"
+    assert (logdir / "report/episode.gif").read_bytes()[:4] == b"GIF8"
+    assert (logdir / "report/test_returns.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with open(logdir / "ctrl/eval/returns.csv", newline="") as handle:
+        returns = np.array([float(row["return"]) for row in csv.DictReader(handle)])
+    assert returns.size == 3
+    report = (logdir / "report/report.md").read_text()
+    assert score_text(returns) in report  # "mean ± std over 3 episodes (min, max)"
+    assert "Nothing: every stage's outputs are here." in report
+
+    timings = read_timings(logdir / "report/timings.csv")
+    assert [row["stage"] for row in timings] == STAGES
+    assert all(row["status"] == "0" and float(row["seconds"]) > 0 for row in timings)
+
+
+def test_timing_records_every_run_even_failures(tmp_path):
+    log = tmp_path / "timings.csv"
+    assert run_timed("vae", [sys.executable, "-c", "pass"], log) == 0
+    assert run_timed("vae", [sys.executable, "-c", "raise SystemExit(3)"], log) == 3
+    rows = read_timings(log)
+    assert [(r["stage"], r["status"]) for r in rows] == [("vae", "0"), ("vae", "3")]
+    assert "raise SystemExit(3)" in rows[1]["command"]
+
+
+def test_report_lists_missing_pieces_instead_of_failing(tmp_path):
+    empty = build_report(tmp_path / "empty", dataset=tmp_path / "no-dataset").read_text()
+    for piece in ["test returns", "vae/best.pt", "mdrnn/best.pt", "ctrl/last.pt", "V reconstructions",
+                  "GIF of a test episode", "stage timings", f"rollouts under {tmp_path / 'no-dataset'}"]:
+        assert piece in empty.split("## Missing")[1], piece
+
+    # only the test and two runs of one stage: the score is reported, the timings summed
+    logdir = tmp_path / "partial"
+    (logdir / "ctrl" / "eval").mkdir(parents=True)
+    (logdir / "ctrl" / "eval" / "returns.csv").write_text("episode,seed,return,steps\n0,1,100,1000\n1,2,300,1000\n")
+    for _ in range(2):
+        run_timed("data", [sys.executable, "-c", "pass"], logdir / "report" / "timings.csv")
+    text = build_report(logdir).read_text()
+    assert "200.0 ± 100.0 over 2 episodes (min 100.0, max 300.0)" in text
+    assert "| data |" in text and "| 2 |" in text
+    assert (logdir / "report" / "test_returns.png").is_file()
+    assert "timing of stage vae" in text and "ctrl/best.pt" in text

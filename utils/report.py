@@ -1,0 +1,278 @@
+"""One page about a run folder: what each stage made, how long it took, how well C drives.
+
+    python -m utils.report --logdir L [--dataset datasets/carracing]
+
+Writes `L/report/`: `report.md` and the pictures it shows, copied from the stages' folders
+so the folder can be shared on its own (`vae_recon.png`, `vae_samples.png`, `vae_curves.png`,
+`mdrnn_curves.png`, `mdrnn_prediction.png`, `ctrl_curves.png`, `episode.gif`), plus
+`test_returns.png`, a histogram drawn here from `L/ctrl/eval/returns.csv` (the numbers the
+score is computed from, so picture and text always agree). Stage wall times come from
+`L/report/timings.csv` (written by utils/timing.py, one row per run of a stage).
+
+It only reads: a stage that has not run, or a file that cannot be read, becomes a line in
+the report's "Missing" section instead of an error, so it can be run at any point of a run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.timing import read_timings
+
+STAGE_ORDER = ["data", "vae", "mdrnn", "ctrl", "test"]
+MAKE_TARGET = {"data": "make data", "vae": "make vae", "mdrnn": "make mdrnn", "ctrl": "make ctrl", "test": "make evaluate"}
+
+
+class Report:
+    """Markdown lines and the list of what was missing, filled section by section."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir, self.out = logdir, logdir / "report"
+        self.lines: list[str] = []
+        self.missing: list[str] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def lack(self, what: str, stage: str | None) -> None:
+        self.missing.append(f"{what} (`{MAKE_TARGET[stage]}` makes it)" if stage else what)
+        self.add(f"*Missing: {what}.*", "")
+
+    def copy(self, source: Path | None, name: str, what: str, stage: str, caption: str) -> bool:
+        """Copy `source` to report/`name` and show it; a missing source also removes a stale copy."""
+        target = self.out / name
+        if source is None or not source.is_file():
+            target.unlink(missing_ok=True)
+            self.lack(what, stage)
+            return False
+        shutil.copyfile(source, target)
+        self.add(f"![{caption}]({name})", "")
+        return True
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """A checkpoint, or None if it is absent or unreadable (the report says so, it does not stop)."""
+    if not path.is_file():
+        return None
+    try:
+        from utils.checkpoint import load_checkpoint
+
+        return load_checkpoint(path)
+    except Exception:
+        return None
+
+
+def latest(folder: Path, pattern: str) -> Path | None:
+    """The last file matching `pattern` by name (recon_003.png after recon_002.png), or None."""
+    found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4 min 05 s, 1 h 02 min: short enough for a table cell."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def read_returns(path: Path) -> np.ndarray | None:
+    """The per-episode test returns (episodes,) from test_controller.py's returns.csv, or None."""
+    try:
+        with open(path, newline="") as handle:
+            returns = np.array([float(row["return"]) for row in csv.DictReader(handle)])
+    except (OSError, KeyError, ValueError):
+        return None
+    return returns if returns.size else None
+
+
+def score_text(returns: np.ndarray) -> str:
+    return (f"{returns.mean():.1f} ± {returns.std():.1f} over {returns.size} episodes "
+            f"(min {returns.min():.1f}, max {returns.max():.1f})")
+
+
+def histogram(returns: np.ndarray, path: Path) -> None:
+    """Histogram of the test returns, with the mean marked."""
+    from utils.logs import plt  # matplotlib on the headless Agg backend
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(returns, bins=min(30, max(5, returns.size // 3)), color="tab:blue", edgecolor="white")
+    ax.axvline(returns.mean(), color="k", linestyle="--", label=f"mean {returns.mean():.1f}")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # episode counts
+    ax.set(xlabel="episode return", ylabel="episodes", title=f"C on {returns.size} held-out tracks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+def score_section(report: Report) -> None:
+    eval_dir = report.logdir / "ctrl" / "eval"
+    report.add("## Final score", "")
+    returns = read_returns(eval_dir / "returns.csv")
+    if returns is None:
+        (report.out / "test_returns.png").unlink(missing_ok=True)
+        report.lack("test returns (ctrl/eval/returns.csv)", "test")
+    else:
+        best = load(report.logdir / "ctrl" / "best.pt") or {}
+        origin = f", C from CMA-ES generation {best['generation']}" if "generation" in best else ""
+        report.add(f"**Score: {score_text(returns)}** on held-out tracks{origin}.", "")
+        histogram(returns, report.out / "test_returns.png")
+        report.add("![histogram of the test returns](test_returns.png)", "")
+    gifs = sorted(eval_dir.glob("*.gif"), key=lambda p: p.stat().st_mtime) if eval_dir.is_dir() else []
+    if gifs:
+        report.add("One test episode (episode 0):", "")
+    report.copy(gifs[-1] if gifs else None, "episode.gif", "GIF of a test episode (test_controller.py --record)", "test", "test episode 0")
+
+
+def timings_section(report: Report) -> None:
+    report.add("## Wall time per stage", "")
+    rows = read_timings(report.out / "timings.csv")
+    if not rows:
+        report.lack("stage timings (report/timings.csv, written when the stages run through make)", None)
+        return
+    stages = sorted({r["stage"] for r in rows}, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))
+    report.add("| stage | wall time, all runs | runs | last run | last run started | last exit status |",
+               "|---|---:|---:|---:|---|---:|")
+    total = 0.0
+    for stage in stages:
+        mine = [r for r in rows if r["stage"] == stage]
+        seconds = sum(float(r["seconds"]) for r in mine)
+        total += seconds
+        last = mine[-1]
+        report.add(f"| {stage} | {duration(seconds)} | {len(mine)} | {duration(float(last['seconds']))} | {last['started']} | {last['status']} |")
+    report.add(f"| **total** | **{duration(total)}** | | | | |", "")
+    report.add("A stage that was interrupted and resumed has several runs; the first column is their sum.", "")
+    for stage in STAGE_ORDER:
+        if stage not in stages:
+            report.missing.append(f"timing of stage {stage} (`{MAKE_TARGET[stage]}` records it)")
+
+
+def data_section(report: Report, dataset: Path | None) -> None:
+    report.add("## Data", "")
+    if dataset is None:  # what M was trained on, from its latent cache
+        try:
+            with np.load(report.logdir / "mdrnn" / "latents.npz") as cache:
+                lengths = cache["lengths"]
+            report.add(f"{lengths.size} rollouts, {int(lengths.sum()):,} frames in M's latent cache (no --dataset given).", "")
+        except (OSError, KeyError, ValueError):
+            report.add("No --dataset given and no latent cache (mdrnn/latents.npz) to count from.", "")
+        return
+    from data.loaders import NoRolloutsError, dataset_paths
+
+    try:
+        paths, lengths = dataset_paths(dataset)
+    except NoRolloutsError:
+        report.lack(f"rollouts under {dataset}", "data")
+        return
+    mib = sum(p.stat().st_size for p in paths) / 2**20
+    report.add(f"{len(paths)} rollouts, {sum(lengths):,} frames (mean {np.mean(lengths):.0f} steps per rollout), "
+               f"{mib:.{0 if mib >= 10 else 1}f} MiB under `{dataset}`.", "")
+
+
+def model_section(report: Report, stage: str, title: str) -> None:
+    """V or M: best test loss, epochs, and the pictures its script drew."""
+    folder = report.logdir / stage
+    report.add(f"## {title}", "")
+    best, last = load(folder / "best.pt"), load(folder / "last.pt")
+    if best is None or "best_loss" not in best:
+        report.lack(f"{stage}/best.pt", stage)
+    else:
+        trained = f" of {last['epoch']} trained" if last is not None and "epoch" in last else ""
+        split = f", test set: {len(best['test_rollouts'])} held-out rollouts" if "test_rollouts" in best else ""
+        report.add(f"Best test loss **{best['best_loss']:.5g}** at epoch {best.get('epoch', '?')}{trained}{split}.", "")
+    if stage == "vae":
+        report.add("Reconstructions of fixed test frames (each row of frames above its reconstruction), latest epoch:", "")
+        report.copy(latest(folder / "images", "recon_*.png"), "vae_recon.png", "V reconstructions (vae/images/recon_*.png)", stage, "V reconstructions")
+        report.add("Decoded draws from the prior N(0, I):", "")
+        report.copy(latest(folder / "images", "samples_*.png"), "vae_samples.png", "V samples (vae/images/samples_*.png)", stage, "V samples")
+        report.copy(folder / "curves.png", "vae_curves.png", "V learning curves (vae/curves.png)", stage, "V learning curves")
+    else:
+        report.copy(folder / "curves.png", "mdrnn_curves.png", "M learning curves (mdrnn/curves.png)", stage, "M learning curves")
+        report.add("Predicted vs true next latents and rewards on a test rollout:", "")
+        report.copy(folder / "prediction.png", "mdrnn_prediction.png", "M predictions (mdrnn/prediction.png)", stage, "M predictions")
+
+
+def ctrl_mode(report: Report) -> str:
+    """Where candidates were scored, read from the last ctrl command in timings.csv (the
+    checkpoints do not say): ", candidates scored in M's dream (--temperature 1.15)" or ""."""
+    commands = [r["command"].split() for r in read_timings(report.out / "timings.csv") if r["stage"] == "ctrl"]
+    if not commands:
+        return ""
+    words = commands[-1]
+    if "--dream" not in words:
+        return ", candidates scored in the real env"
+    temperature = words[words.index("--temperature") + 1] if "--temperature" in words[:-1] else "default"
+    return f", candidates scored in M's dream (temperature {temperature})"
+
+
+def ctrl_section(report: Report) -> None:
+    folder = report.logdir / "ctrl"
+    report.add("## C (controller, CMA-ES)", "")
+    best, last = load(folder / "best.pt"), load(folder / "last.pt")
+    if last is None:
+        report.lack("ctrl/last.pt", "ctrl")
+    else:
+        search = ", ".join(f"{k} {v}" for k, v in dict(last.get("search", {})).items())
+        report.add(f"{last.get('generation', '?')} CMA-ES generations run ({search}){ctrl_mode(report)}; "
+                   f"final step size {float(last.get('sigma', math.nan)):.3g}.", "")
+    if best is None:
+        report.lack("ctrl/best.pt (no evaluation of the CMA-ES mean yet)", "ctrl")
+    else:
+        report.add(f"Best evaluation of the CMA-ES mean: **{float(best['eval_return']):.1f} ± {float(best.get('eval_std', math.nan)):.1f}** "
+                   f"over {best.get('eval_episodes', '?')} tracks at generation {best.get('generation', '?')} (this C is the one tested).", "")
+    report.copy(folder / "curves.png", "ctrl_curves.png", "C learning curves (ctrl/curves.png)", "ctrl", "CMA-ES learning curves")
+
+
+# -- the page ------------------------------------------------------------------------------------
+
+def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = None) -> Path:
+    """Write L/report/report.md (and its pictures); returns its path. Never fails for missing pieces."""
+    report = Report(Path(logdir))
+    report.out.mkdir(parents=True, exist_ok=True)
+    report.add(f"# World Models run `{logdir}`", "",
+               f"Built {datetime.now().astimezone().isoformat(timespec='seconds')} by `python -m utils.report`.", "")
+    score_section(report)
+    timings_section(report)
+    data_section(report, Path(dataset) if dataset is not None else None)
+    model_section(report, "vae", "V (VAE)")
+    model_section(report, "mdrnn", "M (MDN-RNN)")
+    ctrl_section(report)
+    report.add("## Missing", "")
+    report.add(*(f"- {item}" for item in report.missing) if report.missing else ["Nothing: every stage's outputs are here."])
+    path = report.out / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(report.lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write L/report/report.md: stage timings, dataset, losses, CMA-ES, test score.")
+    parser.add_argument("--logdir", required=True, help="run folder (holds vae/, mdrnn/, ctrl/)")
+    parser.add_argument("--dataset", help="rollout folder, to report its size (e.g. datasets/carracing)")
+    args = parser.parse_args(argv)
+    if not Path(args.logdir).is_dir():
+        print(f"error: {args.logdir} is not a folder; run the pipeline first (make pipeline LOGDIR={args.logdir})", file=sys.stderr)
+        return 1
+    path = build_report(args.logdir, args.dataset)
+    returns = read_returns(Path(args.logdir) / "ctrl" / "eval" / "returns.csv")
+    print(f"report: {path}" + (f"; score {score_text(returns)}" if returns is not None else "; no test returns yet"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
