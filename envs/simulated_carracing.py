@@ -19,6 +19,7 @@ candidates of a generation dream the same worlds (common random numbers).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,7 +69,47 @@ def _batched_noise(seeds: Sequence[int], starts: torch.Tensor, steps: int) -> tu
     return torch.stack(z0), torch.stack(uniforms, dim=1), torch.stack(normals, dim=1)
 
 
-@torch.no_grad()
+class _BatchedDreamStep:
+    """M's one step plus the mixture draw for a large batch, as a few big matmuls.
+
+    The same math as `MDRNNCell.forward` followed by `sample_gmm(..., noise=...)` (a test
+    checks the batch against the single env, which uses those), laid out for speed: the LSTM
+    input weights are split by input so no [z, a] copy is made, the LSTM runs as three
+    in-place matmuls plus gate activations, the mixture weights are never normalised (the
+    component is drawn from the unnormalised CDF: softmax(log_softmax(x) / tau) is
+    softmax(x / tau)), and the per-episode noise broadcasts over the population instead of
+    being copied.
+    """
+
+    def __init__(self, mdrnn: MDRNNCell, temperature: float) -> None:
+        lstm, latent = mdrnn.lstm, mdrnn.latent_size
+        self.latent, self.gaussians, self.temperature = latent, mdrnn.gaussians, temperature
+        self.w_z = lstm.weight_ih_l0[:, :latent].t().contiguous()  # (L, 4H)
+        self.w_a = lstm.weight_ih_l0[:, latent:].t().contiguous()  # (A, 4H)
+        self.w_h = lstm.weight_hh_l0.t().contiguous()  # (H, 4H)
+        self.b = lstm.bias_ih_l0 + lstm.bias_hh_l0  # (4H,)
+        self.head_w, self.head_b = mdrnn.head.weight.t().contiguous(), mdrnn.head.bias  # (H, 3LK+2)
+
+    def __call__(self, z, a, h, c, uniform, normal, n_pop):
+        """z (B, L), a (B, A), h, c (B, H) with B = P*N candidate-major; uniform, normal (N, L).
+        Returns next z (B, L), h, c, reward (B,), done_logit (B,)."""
+        gates = torch.addmm(self.b, z, self.w_z).addmm_(a, self.w_a).addmm_(h, self.w_h)  # (B, 4H)
+        i, f, g, o = gates.chunk(4, dim=1)  # torch's LSTM gate order
+        c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
+        h = torch.sigmoid(o).mul_(torch.tanh(c))
+        out = torch.addmm(self.head_b, h, self.head_w)  # (B, 3LK + 2)
+        n = self.latent * self.gaussians
+        shape = (n_pop, -1, self.latent, self.gaussians)  # (P, N, L, K) views, no copies
+        mu, logsigma, logits = (out[:, k * n : (k + 1) * n].reshape(shape) for k in range(3))
+        weights = logits.sub(logits.amax(dim=-1, keepdim=True)).div_(self.temperature).exp_()
+        cdf = weights.cumsum(dim=-1)
+        k = (cdf < uniform.unsqueeze(-1) * cdf[..., -1:]).sum(dim=-1, keepdim=True).clamp_(max=self.gaussians - 1)
+        sigma = logsigma.gather(-1, k).squeeze(-1).exp_().mul_(math.sqrt(self.temperature))
+        z_next = sigma.mul_(normal).add_(mu.gather(-1, k).squeeze(-1))  # (P, N, L)
+        return z_next.view(-1, self.latent), h, c, out[:, -2], out[:, -1]
+
+
+@torch.inference_mode()
 def dream_returns(
     mdrnn: MDRNNCell,
     flat_params: torch.Tensor,
@@ -89,6 +130,7 @@ def dream_returns(
     latent, hidden = mdrnn.latent_size, mdrnn.hidden_size
     z0, uniform, normal = (x.to(device) for x in _batched_noise(seeds, starts, max_steps))
     params = flat_params.to(device=device, dtype=torch.float32)
+    step = _BatchedDreamStep(mdrnn, temperature)
     z = z0.expand(n_pop, n_eps, latent).reshape(-1, latent)  # (P*N, L): same starts for every candidate
     h, c = mdrnn.initial_state(n_pop * n_eps, device)
     total = torch.zeros(n_pop * n_eps, device=device)
@@ -96,15 +138,12 @@ def dream_returns(
     steps = torch.zeros(n_pop * n_eps, dtype=torch.long, device=device)
     for t in range(max_steps):
         actions = batched_actions(params, z.view(n_pop, n_eps, latent), h.view(n_pop, n_eps, hidden), latent, hidden, mdrnn.action_size)
-        out = mdrnn(z, actions.reshape(-1, mdrnn.action_size), (h, c))
-        total += torch.where(alive, out.reward, 0.0)
+        z, h, c, reward, done_logit = step(z, actions.view(-1, mdrnn.action_size), h, c, uniform[t], normal[t], n_pop)
+        total += torch.where(alive, reward, 0.0)
         steps += alive
-        alive &= torch.sigmoid(out.done_logit) <= DONE_THRESHOLD
-        if not alive.any():
+        alive &= done_logit <= 0.0  # sigmoid(logit) <= DONE_THRESHOLD = 0.5
+        if t % 16 == 15 and not alive.any():  # checking forces a sync; every few steps is enough
             break
-        step_noise = (uniform[t].repeat(n_pop, 1), normal[t].repeat(n_pop, 1))  # (P*N, L), candidate-major
-        z = sample_gmm(out.mu, out.logsigma, out.logpi, temperature, noise=step_noise)
-        h, c = out.hidden
     return total.view(n_pop, n_eps).cpu(), steps.view(n_pop, n_eps).cpu()
 
 

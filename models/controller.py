@@ -54,5 +54,6 @@ def batched_actions(flat_params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
                          f"got {flat_params.shape[1]}")
     weight = flat_params[:, :n_weight].reshape(P, action_size, in_size)  # (P, A, L+H)
     bias = flat_params[:, n_weight:].unsqueeze(1)  # (P, 1, A)
-    x = torch.cat([z, h], dim=-1)  # (P, N, L+H)
-    return squash_action(torch.baddbmm(bias, x, weight.transpose(1, 2)))  # (P, N, A)
+    # W [z, h] = W_z z + W_h h: two batched matmuls instead of concatenating a (P, N, L+H) copy
+    w_z, w_h = weight[..., :latent_size].transpose(1, 2), weight[..., latent_size:].transpose(1, 2)
+    return squash_action(torch.baddbmm(bias, z, w_z).baddbmm_(h, w_h))  # (P, N, A)
