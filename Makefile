@@ -9,7 +9,7 @@
 #
 # Override any setting on the command line: make pipeline LOGDIR=runs/big ROLLOUTS=400 GENERATIONS=60
 
-# ---- the default profile: a 2-core CPU, no GPU, about 85 min on an idle machine (+ a few min for .venv) ----
+# ---- the default profile: a 2-core CPU, no GPU, about an hour (measured: see README, Results) ----
 # run folder: vae/, mdrnn/, ctrl/ (checkpoints, logs, curves) and report/
 LOGDIR ?= logs
 # rollout folder (shared by runs; generation skips the rollouts already there)
@@ -20,10 +20,10 @@ ROLLOUTS ?= 160
 ROLLOUT_STEPS ?= 1000
 # worker processes for data generation, controller training and the test episodes
 THREADS ?= 2
-# V epochs                                    vae:   144k train frames/epoch at ~270 frames/s, ~9.5 min each, ~28 min
-VAE_EPOCHS ?= 3
-# M epochs                                    mdrnn: latent cache of 160k frames ~2.5 min + ~15 s/epoch, ~7 min
-MDRNN_EPOCHS ?= 20
+# V epochs                                    vae:   144k train frames/epoch at ~250 frames/s, ~10 min each
+VAE_EPOCHS ?= 1
+# M epochs                                    mdrnn: latent cache of 160k frames ~2.5 min + ~15 s/epoch, ~5 min
+MDRNN_EPOCHS ?= 10
 # steps per M training sequence (truncated BPTT)
 SEQ_LEN ?= 32
 # real: C learns in the real env; dream: inside M (appends --dream --temperature $(TEMPERATURE))
@@ -34,8 +34,8 @@ TEMPERATURE ?= 1.15
 POP_SIZE ?= 16
 # episodes (tracks) per candidate; fitness is their mean
 N_SAMPLES ?= 2
-# CMA-ES generations, counted across resumes  ctrl:  20 x 107 s + 4 evaluations x 27 s, ~37 min
-GENERATIONS ?= 20
+# CMA-ES generations, counted across resumes  ctrl:  10 x 107 s + 2 evaluations x 27 s, ~19 min
+GENERATIONS ?= 10
 # evaluate the CMA-ES mean every this many generations (the best evaluation becomes ctrl/best.pt)
 EVAL_EVERY ?= 5
 # fresh tracks per evaluation
@@ -83,8 +83,12 @@ test: venv
 	$(PY) -m pytest -q tests
 
 bench: venv
-	$(PY) bench/bench_generation.py
 	$(PY) bench/bench_env.py
+	$(PY) bench/bench_generation.py
+	$(PY) bench/bench_vae.py
+	$(PY) bench/bench_mdrnn.py
+	$(PY) bench/bench_controller.py
+	$(PY) bench/bench_dream.py
 
 clean-venv:
 	rm -rf $(VENV)

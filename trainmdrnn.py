@@ -25,18 +25,10 @@ from envs.carracing import ACTION_SIZE
 from models.mdrnn import MDRNN, mdrnn_loss
 from utils.checkpoint import LAST, fail, load_checkpoint, require_checkpoint
 from utils.logs import plt
+from utils.cli import one_line_warnings, positive_float, positive_int
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
-
-
-def positive(kind: type) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,12 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logdir", required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/")
     p.add_argument("--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)")
     p.add_argument("--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt")
-    p.add_argument("--epochs", type=positive(int), default=30, help="epochs in all, counted across resumes")
-    p.add_argument("--batch-size", type=positive(int), default=32, help="sequences per batch")
-    p.add_argument("--seq-len", type=positive(int), default=32, help="steps per training sequence (truncated BPTT)")
-    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
-    p.add_argument("--hidden-size", type=positive(int), default=256, help="LSTM hidden size")
-    p.add_argument("--gaussians", type=positive(int), default=5, help="mixture components per latent dimension")
+    p.add_argument("--epochs", type=positive_int, default=30, help="epochs in all, counted across resumes")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
+    p.add_argument("--seq-len", type=positive_int, default=32, help="steps per training sequence (truncated BPTT)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--hidden-size", type=positive_int, default=256, help="LSTM hidden size")
+    p.add_argument("--gaussians", type=positive_int, default=5, help="mixture components per latent dimension")
     p.add_argument("--reward-weight", type=float, default=1.0, help="weight of the reward MSE in the loss")
     p.add_argument("--done-weight", type=float, default=1.0, help="weight of the done BCE in the loss")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
@@ -149,6 +141,7 @@ def plot_prediction(model: MDRNN, rollout: dict[str, np.ndarray], path: Path, de
 
 
 def main(argv: list[str] | None = None) -> int:
+    one_line_warnings()
     try:
         return train(parse_args(argv))
     except KeyboardInterrupt:  # checkpoints and the cache are written atomically: nothing is half-written

@@ -23,6 +23,7 @@ from data.loaders import DEFAULT_BUFFER_SIZE, FrameDataset, NoRolloutsError, dat
 from models.vae import VAE, frames_to_tensor, vae_loss
 from utils.checkpoint import fail
 from utils.logs import plt
+from utils.cli import fraction, one_line_warnings, positive_float, positive_int
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 IMG_CHANNELS = 3  # rollouts hold RGB frames
@@ -30,36 +31,20 @@ SIZE_KEYS = ["latent_size", "img_channels"]  # must match to resume
 GRID_COLUMNS = 8
 
 
-def positive(kind: type) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--logdir", required=True, help="run folder: writes L/vae/")
     p.add_argument("--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)")
     p.add_argument("--noreload", action="store_true", help="start afresh instead of resuming from L/vae/last.pt")
-    p.add_argument("--epochs", type=positive(int), default=20, help="epochs in all, counted across resumes")
-    p.add_argument("--batch-size", type=positive(int), default=32, help="frames per batch")
-    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate (halved by ReduceLROnPlateau)")
-    p.add_argument("--latent-size", type=positive(int), default=32, help="size of z")
+    p.add_argument("--epochs", type=positive_int, default=20, help="epochs in all, counted across resumes")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="frames per batch")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (halved by ReduceLROnPlateau)")
+    p.add_argument("--latent-size", type=positive_int, default=32, help="size of z")
     p.add_argument("--kl-tolerance", type=float, default=0.5, help="free bits per latent dimension: no KL gradient below kl_tolerance * latent_size")
     p.add_argument("--patience", type=int, default=10, help="early stopping after this many epochs without test improvement (0 disables)")
     p.add_argument("--lr-patience", type=int, default=3, help="epochs without test improvement before the lr is halved")
     p.add_argument("--test-fraction", type=fraction, default=0.1, help="share of the rollouts held out as the fixed test set")
-    p.add_argument("--buffer-size", type=positive(int), default=DEFAULT_BUFFER_SIZE, help="rollouts held in memory at once (bounds RAM; frames are shuffled within it)")
+    p.add_argument("--buffer-size", type=positive_int, default=DEFAULT_BUFFER_SIZE, help="rollouts held in memory at once (bounds RAM; frames are shuffled within it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, split, batch order and sample noise")
     return p.parse_args(argv)
@@ -127,6 +112,7 @@ def save_epoch_images(model: VAE, frames: np.ndarray, noise: torch.Tensor, folde
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    one_line_warnings()
     started = time.perf_counter()
     device = pick_device(args.device)
     if device.type == "cuda":
