@@ -4,9 +4,9 @@
 
 The tracks are fixed by --seed and disjoint from every track used in training or in its
 evaluations (utils.agent.holdout_seeds), so the numbers printed are held-out returns;
-episode i is the same track whatever --episodes is. Episodes run in parallel in a
-utils.pool.WorkerPool; with --display they run one at a time in a window instead (closing
-the window sends the rest back to the workers). --record replays episode 0 and writes it as
+episode i is the same track whatever --episodes is. Episodes run in parallel in a worker
+pool (local processes, or Ray actors with --backend ray); with --display they run one at
+a time in a window instead (closing the window sends the rest back to the workers). --record replays episode 0 and writes it as
 a GIF; the agent is deterministic, so its return is episode 0's.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from utils.agent import (Agent, WindowClosed, evaluate_candidates, holdout_seeds
 from utils.checkpoint import fail
 from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
 from utils.params import get_flat_params
-from utils.pool import WorkerError, WorkerPool
+from utils.pool import WorkerError, add_backend_args, check_backend, make_pool
 
 GIF_FPS, GIF_SCALE = 25, 0.5  # every 2nd frame of the 50 fps env, at half of its 600x400 size
 
@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (default: all CPU cores)")
     parser.add_argument("--task-timeout", type=float, default=300.0, help="seconds one episode may take before its worker is replaced (default 300)")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    add_backend_args(parser)
     args = parser.parse_args(argv)
+    check_backend(args.backend, args.ray_address)
     if args.seed < 0:
         parser.error("--seed must be >= 0")
     if not args.task_timeout > 0:
@@ -90,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     if remaining:
         workers = min(args.workers, len(remaining))
         try:
-            with WorkerPool(workers, init_worker, (args.logdir, fast, config), task_timeout=args.task_timeout,
-                            log=lambda text: tqdm.write(text, file=sys.stderr)) as pool, \
+            with make_pool(args.backend, workers, init_worker, (args.logdir, fast, config), task_timeout=args.task_timeout,
+                           log=lambda text: tqdm.write(text, file=sys.stderr), ray_address=args.ray_address) as pool, \
                     tqdm(total=len(remaining), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar:
                 _, returns, steps = evaluate_candidates(pool, [get_flat_params(controller)], remaining, args.max_steps,
                                                         lambda i, r: bar.update())

@@ -5,9 +5,10 @@
 Each generation CMA-ES proposes --pop-size flat parameter vectors; each is scored by its mean
 return over --n-samples episodes, on the same tracks for every candidate (common random
 numbers: differences in fitness are then differences in driving, not in track luck). The
-episodes run in a utils.pool.WorkerPool, one episode per task, so a crashed or hung worker
-costs one rerun episode. Every --eval-every generations (and at the end) the CMA-ES mean is
-scored on --eval-episodes fresh tracks; the best of those becomes best.pt.
+episodes run in a worker pool (utils.pool.make_pool: local processes, or Ray actors with
+--backend ray), one episode per task, so a crashed or hung worker costs one rerun episode.
+Every --eval-every generations (and at the end) the CMA-ES mean is scored on
+--eval-episodes fresh tracks; the best of those becomes best.pt.
 
 Workers run on the CPU, one thread each: an agent encodes one frame per step, which a CPU
 core does in about a millisecond, so a GPU would add latency and a CUDA context per worker
@@ -49,7 +50,7 @@ from utils.agent import (display_problem, eval_seeds, evaluate_candidates, init_
 from utils.checkpoint import BEST, LAST, check_config, fail, load_checkpoint, save_checkpoint
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params, get_flat_params, set_flat_params
-from utils.pool import WorkerError, WorkerPool
+from utils.pool import WorkerError, add_backend_args, check_backend, make_pool
 
 LOG_FIELDS = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma",
               "eval_mean", "eval_std", "eval_dream_mean", "steps_per_s", "dream_steps_per_s", "time_s"]
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds CMA-ES, the initial C and the track seeds (default 0)")
     parser.add_argument("--task-timeout", type=positive_float, default=300.0, help="seconds one episode may take before its worker is presumed hung, replaced and the episode rerun (default 300)")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    add_backend_args(parser)  # --backend local|ray, --ray-address: where the real-env episodes run
     parser.add_argument("--dream", action="store_true", help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env")
     parser.add_argument("--temperature", type=positive_float, default=1.15, help="dream temperature tau, with --dream (default 1.15)")
     args = parser.parse_args(argv)
@@ -129,6 +131,7 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_backend(args.backend, args.ray_address)  # one line now, before anything is loaded or deleted
     signal.signal(signal.SIGTERM, _interrupt)
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
@@ -207,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     # -- generations ------------------------------------------------------------------------
     try:
         if reason is None:  # workers load V, M and the env once, then run episodes until the end
-            pool = WorkerPool(workers, init_worker, (args.logdir, not args.slow_env, config),
-                              task_timeout=args.task_timeout, log=lambda text: tqdm.write(text, file=sys.stderr))
+            pool = make_pool(args.backend, workers, init_worker, (args.logdir, not args.slow_env, config),
+                             task_timeout=args.task_timeout, log=lambda text: tqdm.write(text, file=sys.stderr),
+                             ray_address=args.ray_address)
         while reason is None:
             generation += 1
             t0 = time.perf_counter()

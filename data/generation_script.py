@@ -5,6 +5,11 @@
 Rollout I goes to `rootdir/thread_{I mod K}/rollout_I.npz` and depends only on (seed, I), so
 the dataset is the same whatever K. Re-running after a kill skips the rollouts already on
 disk (files appear atomically, so any file present is complete). No display is needed.
+
+With --backend ray the K workers are Ray actors (--ray-address or $RAY_ADDRESS, else a local
+Ray). Each worker writes its rollouts into --rootdir itself, so on a multi-node cluster
+--rootdir must be on a filesystem every node shares; a rollout this machine cannot see stops
+the run with one line instead of leaving the dataset silently short.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data.carracing import POLICIES, generate_rollout, positive_int, rollout_path, save_rollout  # noqa: E402
 from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
-from utils.pool import WorkerError, WorkerPool  # noqa: E402
+from utils.pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
 
 _env = None  # one env per worker process, built once by `init_worker`
 
@@ -56,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)")
     parser.add_argument("--max-steps", type=positive_int, default=MAX_EPISODE_STEPS, help=f"steps per rollout at most (default: {MAX_EPISODE_STEPS})")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    add_backend_args(parser)
     args = parser.parse_args(argv)
+    check_backend(args.backend, args.ray_address)
 
     rootdir = Path(args.rootdir)
     rootdir.mkdir(parents=True, exist_ok=True)
@@ -68,18 +75,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all {args.rollouts} rollouts already in {rootdir}; nothing to do")
         return 0
 
-    tasks = [(i, i % args.threads, str(rootdir), args.seed, args.policy, args.max_steps) for i in todo]
+    tasks = [(i, i % args.threads, str(rootdir.resolve()), args.seed, args.policy, args.max_steps) for i in todo]
     start, frames = time.perf_counter(), 0
     bar = tqdm(total=len(tasks), unit="rollout", desc="rollouts", initial=0, dynamic_ncols=True)
 
-    def on_result(_: int, n_frames: int) -> None:
+    def on_result(position: int, n_frames: int) -> None:
         nonlocal frames
+        index, thread = tasks[position][:2]
+        if not rollout_path(rootdir, index, thread).is_file():  # written by a Ray worker on another machine
+            raise WorkerError(f"rollout {index} was written on another machine and is not in {rootdir} here: "
+                              f"with --backend ray on several nodes, --rootdir must be on a filesystem they share")
         frames += n_frames
         bar.update(1)
         bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
 
     try:
-        with WorkerPool(min(args.threads, len(tasks)), init_worker, (not args.slow_env,)) as pool:
+        with make_pool(args.backend, min(args.threads, len(tasks)), init_worker, (not args.slow_env,),
+                       ray_address=args.ray_address) as pool:
             pool.map(run_rollout, tasks, on_result=on_result)
     except WorkerError as error:
         bar.close()

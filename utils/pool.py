@@ -14,6 +14,9 @@ then run many small tasks (one rollout, one episode). The pool watches every wor
 Unlike `concurrent.futures.ProcessPoolExecutor`, one dead worker does not break the pool,
 and a hung one is noticed. Workers are started with "spawn": no inherited locks or threads,
 the same behaviour on Linux, macOS and Windows.
+
+`make_pool(backend, ...)` picks the backend: this pool ("local"), or the same interface on
+Ray actors ("ray", utils/ray_pool.py, imported only then: Ray is optional).
 """
 from __future__ import annotations
 
@@ -215,3 +218,66 @@ class WorkerPool:
         else:
             self.log(f"warning: idle worker pid {worker.process.pid} {reason}; replacing it")
         self._workers[index] = self._start_worker()
+
+
+# -- backends ----------------------------------------------------------------------------------
+BACKENDS = ("local", "ray")
+RAY_INSTALL = "pip install -r requirements-ray.txt"
+
+
+def add_backend_args(parser) -> None:
+    """--backend and --ray-address, worded alike in every script that runs a pool."""
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help="local: worker processes on this machine (default); ray: Ray actors, on a cluster "
+                             f"or a local Ray (needs `{RAY_INSTALL}`)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT", default=None,
+                        help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else a local Ray "
+                             "started for this run)")
+
+
+def check_backend(backend: str, ray_address: str | None = None) -> None:
+    """Stop with one line now, before any work, if `backend` cannot run here.
+
+    Scripts call this right after parsing, so a missing Ray or an unreachable cluster is
+    reported before anything is loaded, deleted or written.
+    """
+    from utils.checkpoint import fail  # torch: keep this module light for spawned workers
+
+    if backend not in BACKENDS:
+        fail(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "local":
+        if ray_address:
+            fail("--ray-address needs --backend ray")
+        return
+    try:
+        from utils import ray_pool
+    except ImportError as error:
+        fail(f"--backend ray needs Ray, which this Python cannot import ({error}); install it with: {RAY_INSTALL}")
+    ray_pool.check_address(ray_address)
+
+
+def make_pool(
+    backend: str,
+    workers: int,
+    initializer: Callable | None = None,
+    initargs: tuple = (),
+    task_timeout: float | None = None,
+    max_retries: int = 2,
+    log: Callable[[str], None] | None = None,
+    ray_address: str | None = None,
+):
+    """A started pool of the chosen backend: WorkerPool ("local") or utils.ray_pool.RayPool ("ray").
+
+    Both have `map(fn, tasks, on_result)`, `close()`, `restarts`, `n_workers` and work as
+    context managers, with the same failure semantics. Ray is imported only here, so the
+    local backend never needs it.
+    """
+    if backend == "local":
+        if ray_address:
+            raise ValueError("ray_address needs backend='ray'")
+        return WorkerPool(workers, initializer, initargs, task_timeout=task_timeout, max_retries=max_retries, log=log)
+    check_backend(backend, ray_address)
+    from utils.ray_pool import RayPool
+
+    return RayPool(workers, initializer, initargs, task_timeout=task_timeout, max_retries=max_retries, log=log,
+                   address=ray_address)
