@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.carracing import positive_int
+from utils.cli import positive_int
 from envs.carracing import make_env
 from utils.agent import (Agent, WindowClosed, evaluate_candidates, holdout_seeds, init_worker,
                          load_best_controller, load_world, open_window_env, run_episode)

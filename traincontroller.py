@@ -42,32 +42,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.carracing import positive_int
 from envs.simulated_carracing import DreamEvaluator
 from models.controller import Controller
 from utils.agent import (display_problem, eval_seeds, evaluate_candidates, init_worker, load_world,
                          train_seeds, watch_best)
 from utils.checkpoint import BEST, LAST, check_config, fail, load_checkpoint, save_checkpoint
+from utils.cli import non_negative_int, positive_float, positive_int
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params, get_flat_params, set_flat_params
 from utils.pool import WorkerError, add_backend_args, check_backend, make_pool
 
 LOG_FIELDS = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma",
               "eval_mean", "eval_std", "eval_dream_mean", "steps_per_s", "dream_steps_per_s", "time_s"]
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.carracing import positive_int  # noqa: E402
+from utils.cli import positive_int  # noqa: E402
 from envs.carracing import make_env, to_model_frame  # noqa: E402
 from models.controller import Controller  # noqa: E402
 from models.mdrnn import MDRNNCell  # noqa: E402

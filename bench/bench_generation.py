@@ -3,7 +3,8 @@
     python bench/bench_generation.py [--rollouts 8] [--steps 200] [--workers 2]
 
 All rates come from this one run, so the ratios hold on a noisy machine:
-- plain loop: the same env stepped with random actions in this process, nothing saved;
+- plain loop: the same episodes (env seeds and Brownian actions) stepped in this process,
+  nothing resized or saved;
 - generation: the real worker task (policy, frame resize, compressed atomic save) on a
   started WorkerPool, timed from first task to last result (steady state), and also
   end to end including worker start-up.
@@ -19,25 +20,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
+from data.carracing import random_actions, rollout_seeds  # noqa: E402
 from data.generation_script import init_worker, run_rollout  # noqa: E402
 from envs.carracing import make_env  # noqa: E402
 from utils.pool import WorkerPool  # noqa: E402
 
 
 def plain_loop(rollouts: int, steps: int, fast: bool) -> float:
-    """Frames/s of reset + env.step with random actions: the same episodes as generation
-    (same count and length, so resets weigh the same), with no policy, resize or saving."""
+    """Frames/s of the very episodes generation plays (same env seeds, same Brownian actions),
+    stepped in this process with nothing else: no frame resize, no saving, no pool."""
     env = make_env(fast=fast)
-    rng = np.random.default_rng(0)
     frames = 0
     start = time.perf_counter()
-    for episode in range(rollouts):
-        env.reset(seed=episode)
-        for _ in range(steps):
+    for index in range(rollouts):
+        env_seed, rng = rollout_seeds(0, index)
+        actions = random_actions("brown", steps, env.action_space.low, env.action_space.high, rng)
+        env.reset(seed=env_seed)
+        for action in actions:
             frames += 1
-            _, _, terminated, truncated, _ = env.step(rng.uniform([-1, 0, 0], [1, 1, 1]).astype(np.float32))
+            _, _, terminated, truncated, _ = env.step(action)
             if terminated or truncated:
                 break
     rate = frames / (time.perf_counter() - start)

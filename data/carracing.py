@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # `python data/carracing.py` as well as `python -
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from envs.carracing import MAX_EPISODE_STEPS, make_env, to_model_frame  # noqa: E402
+from utils.cli import positive_int  # noqa: E402
 
 POLICIES = ("brown", "white")
 BROWNIAN_DT = 1.0 / 50.0
@@ -116,17 +117,6 @@ def rollout_path(root: str | os.PathLike, index: int, thread: int | None = None)
     """`root/thread_K/rollout_I.npz`, or `root/rollout_I.npz` without a thread."""
     folder = Path(root) if thread is None else Path(root) / f"thread_{thread}"
     return folder / f"rollout_{index}.npz"
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (so 0 or negative counts get argparse's exit-2 error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

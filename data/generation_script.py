@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from data.carracing import POLICIES, generate_rollout, positive_int, rollout_path, save_rollout  # noqa: E402
+from data.carracing import POLICIES, generate_rollout, rollout_path, save_rollout  # noqa: E402
 from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
+from utils.cli import positive_int  # noqa: E402
 from utils.pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
 
 _env = None  # one env per worker process, built once by `init_worker`

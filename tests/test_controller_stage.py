@@ -222,9 +222,9 @@ def test_interrupt_leaves_valid_last_pt(tmp_path):
     while time.monotonic() < deadline and len(_children(process.pid)) < 3:  # 2 workers + multiprocessing's tracker
         time.sleep(0.2)
     workers = _children(process.pid)
-    time.sleep(1.0)
+    time.sleep(3.0)  # let the workers load V, M and the env and start their episodes
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted in generation 1" in err
     state = load_checkpoint(logdir / "ctrl" / "last.pt")
