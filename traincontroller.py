@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_backend(args.backend, args.ray_address)  # one line now, before anything is loaded or deleted
     signal.signal(signal.SIGTERM, _interrupt)
+    # A process started with SIGINT ignored (a background job, or a parent that imported a
+    # library ignoring it) inherits that; Ctrl-C must still stop the search cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     _, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints; one line if missing
