@@ -32,7 +32,7 @@ from models.vae import VAE  # noqa: E402
 from utils.agent import evaluate_candidates, init_worker, train_seeds  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.params import count_params  # noqa: E402
-from utils.pool import check_backend, make_pool  # noqa: E402
+from utils.pool import WorkerPool, check_backend, make_pool  # noqa: E402
 
 CANDIDATES = 4
 
@@ -45,13 +45,37 @@ def make_world(logdir: Path, latent: int = 32, hidden: int = 256) -> dict[str, i
     return dict(latent_size=latent, hidden_size=hidden, action_size=3)
 
 
+def busy_loop(n: int) -> float:
+    """Seconds a pure-Python loop of n iterations takes (no memory traffic, no I/O)."""
+    start, total = time.perf_counter(), 0
+    for i in range(n):
+        total += i * i
+    return time.perf_counter() - start
+
+
+def cpu_scaling(workers: int, n: int = 10_000_000) -> float:
+    """Throughput of `workers` busy processes relative to one: the most any pool can scale here.
+
+    On a VM whose vCPUs share a host, this is often well below `workers`.
+    """
+    import multiprocessing as mp
+
+    one = busy_loop(n)
+    with mp.get_context("spawn").Pool(workers) as procs:
+        procs.map(busy_loop, [1000] * workers)  # started
+        start = time.perf_counter()
+        procs.map(busy_loop, [n] * workers)
+        wall = time.perf_counter() - start
+    return workers * one / wall
+
+
 def wait_until_started(pool, workers: int) -> None:
     """Return once every worker has run its initializer (V, M and env loaded)."""
-    if hasattr(pool, "pids") and pool.__class__.__name__ == "RayPool":
+    if isinstance(pool, WorkerPool):
+        pool.map(time.sleep, [(1.0,)] * workers)  # each local worker takes one once it is ready
+    else:
         while None in pool.pids:  # a Ray actor's pid is known once it has started
             pool.map(time.sleep, [(0.1,)])
-    else:
-        pool.map(time.sleep, [(1.0,)] * workers)  # each local worker takes one once it is ready
 
 
 def measure(backend: str, workers: int, logdir: str, config: dict[str, int], candidates: list[np.ndarray],
@@ -83,6 +107,8 @@ def main() -> int:
           f"random-init V (latent 32) and M (hidden 256)")
     if load > 0.5:
         print("warning: other processes are using the CPU; every figure below is pessimistic and noisy")
+    print(f"CPU check: {args.workers} busy-loop processes run at {cpu_scaling(args.workers):.2f}x one process's "
+          f"throughput (the ceiling for any {args.workers}-worker pool here)")
     # One Ray session for every Ray measurement (pools then join it and leave it running).
     t0 = time.perf_counter()
     ray_pool.connect(args.ray_address, args.workers)
