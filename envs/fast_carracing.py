@@ -60,9 +60,17 @@ What this module does instead, and why each piece leaves every observed pixel un
   checked once per process on random images (:func:`_split_scale_matches`); if it ever failed
   on some pygame build, every frame would take the plain path.
 
-Nothing in physics, rewards, termination or ``info`` is touched: ``reset``/``step`` are
-gymnasium's own; only ``_render``/``_render_road``/``_create_image_array`` are replaced
-(``Car.draw`` is bypassed, not changed).
+**Skipped frames** (action repeat, :attr:`FastCarRacing.skip_render`): a step whose
+observation nobody will look at can skip its "state_pixels" render altogether. Every cache
+above is keyed by what it depends on (track list, car object, colour, reward string), never by
+"the previous frame", so the next frame drawn is the same whether or not frames were skipped.
+A skipped frame can still be drawn exactly after its step (:meth:`FastCarRacing.draw_skipped_frame`):
+between the render inside ``step`` and the end of ``step`` only ``self.reward`` (the -0.1)
+changes among what a frame shows, and the value it had at render time is kept.
+
+Nothing in physics, rewards, termination or ``info`` is touched: ``step`` is gymnasium's own,
+``reset`` only clears the skip flag before calling it; only ``_render``/``_render_road``/
+``_create_image_array`` are replaced (``Car.draw`` is bypassed, not changed).
 ``render_mode`` "human"/"rgb_array" use the same drawing with the plain flip-and-scale tail.
 
 The reward-text format and a ``pygame.init()`` in human mode are the only rendering
@@ -473,6 +481,14 @@ class FastCarRacing(CarRacing):
     Differences that are not pixels: `self.surf` is a reused surface, and after a
     "state_pixels" render it holds only the status bar (the observation is assembled without
     building the full 1000x800 image); after "human"/"rgb_array" renders it is the full image.
+
+    Skipping renders (for action repeat): set `skip_render = True` before a `step` and that
+    step's "state_pixels" render draws nothing (one-shot: the flag is cleared by it). The step
+    then returns (and `self.state` holds) a copy of the last frame actually drawn: *stale*;
+    `frame_skipped` is True until a frame is drawn again. `draw_skipped_frame()` draws the
+    skipped frame exactly (bit-identical to upstream's for that step) as long as no other
+    `step`/`reset` came in between. `reset` always draws its frame. "human"/"rgb_array"
+    renders are never skipped. Physics, rewards, termination, info and `t` are unaffected.
     """
 
     def __init__(
@@ -491,6 +507,27 @@ class FastCarRacing(CarRacing):
             continuous=continuous,
         )
         self._drop_render_caches()
+        self.skip_render = False  # one-shot: the next "state_pixels" render draws nothing
+        self.frame_skipped = False  # True while `self.state` is older than the last step
+        self._skipped_reward = 0.0  # `self.reward` when the skipped frame would have been drawn
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self.skip_render = False  # the reset frame is always drawn
+        return super().reset(seed=seed, options=options)
+
+    def draw_skipped_frame(self) -> np.ndarray:
+        """The observation of the latest step, drawing it now if that step skipped it.
+
+        Exact only right after that step (before any other `step`/`reset`): the frame is drawn
+        from the current state with `self.reward` set back to its value at render time.
+        """
+        if self.frame_skipped:
+            reward, self.reward = self.reward, self._skipped_reward
+            try:
+                self.state = self._render("state_pixels")
+            finally:
+                self.reward = reward
+        return self.state
 
     # ---- caches ---------------------------------------------------------------------------
 
@@ -593,6 +630,14 @@ class FastCarRacing(CarRacing):
 
         if "t" not in self.__dict__:
             return  # reset() not called yet
+
+        if mode == "state_pixels":
+            if self.skip_render:  # a copy of the last drawn frame; remember what this one shows
+                self.skip_render = False
+                self.frame_skipped = True
+                self._skipped_reward = self.reward
+                return self.state.copy()  # a fresh array per step, as gymnasium expects
+            self.frame_skipped = False
 
         canvas = self._surface("canvas", (WINDOW_W, WINDOW_H))
         self.surf = canvas
