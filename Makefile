@@ -64,19 +64,20 @@ ifeq ($(filter $(CTRL_MODE),real dream),)
 $(error CTRL_MODE must be real or dream, not '$(CTRL_MODE)')
 endif
 CTRL_FLAGS := $(if $(filter dream,$(CTRL_MODE)),--dream --temperature $(TEMPERATURE))
-# each stage runs through utils/timing.py: one row per run (stage, seconds, started, status, command)
+# each stage runs through reporting/timing.py: one row per run (stage, seconds, started, status, command)
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
-TIMED = $(PY) -m utils.timing --csv $(LOGDIR)/report/timings.csv --stage
+TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage
 
 .PHONY: venv test bench clean-venv pipeline smoke data vae mdrnn ctrl evaluate report
 .NOTPARALLEL:  # the stages run one after another, in the order the prerequisites are listed
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 test: venv
@@ -120,4 +121,4 @@ evaluate: $(VENV_DEP)
 		--workers $(THREADS) --record $(LOGDIR)/ctrl/eval/episode.gif
 
 report: $(VENV_DEP)
-	$(PY) -m utils.report --logdir $(LOGDIR) --dataset $(DATASET)
+	$(PY) -m reporting.report --logdir $(LOGDIR) --dataset $(DATASET)

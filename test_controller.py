@@ -3,7 +3,7 @@
     python test_controller.py --logdir L [--episodes 100] [--display] [--record run.gif]
 
 The tracks are fixed by --seed and disjoint from every track used in training or in its
-evaluations (utils.agent.holdout_seeds), so the numbers printed are held-out returns;
+evaluations (agent.seeds.holdout_seeds), so the numbers printed are held-out returns;
 episode i is the same track whatever --episodes is. Episodes run in parallel in a worker
 pool (local processes, or Ray actors with --backend ray); with --display they run one at
 a time in a window instead (closing the window sends the rest back to the workers). --record replays episode 0 and writes it as
@@ -20,45 +20,42 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.cli import positive_int
-from envs.carracing import make_env
-from utils.agent import (Agent, WindowClosed, evaluate_candidates, holdout_seeds, init_worker,
-                         load_best_controller, load_world, open_window_env, run_episode)
-from utils.checkpoint import fail
+from agent.display import WindowClosed, check_window_open, open_window_env
+from agent.policy import Agent, run_episode
+from agent.population import evaluate_candidates, init_worker
+from agent.seeds import holdout_seeds
+from agent.world import load_best_controller, load_world
+from envs.carracing import MAX_EPISODE_STEPS, make_env
+from pool import WorkerError, add_backend_args, check_backend, make_pool
+from utils.cli import fail, int_in, positive_float, seed_int, writable_dir, writable_file
+from utils.files import atomic_write
 from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
 from utils.params import get_flat_params
-from utils.pool import WorkerError, add_backend_args, check_backend, make_pool
 
 GIF_FPS, GIF_SCALE = 25, 0.5  # every 2nd frame of the 50 fps env, at half of its 600x400 size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/.")
-    parser.add_argument("--logdir", required=True, help="folder holding vae/, mdrnn/ and ctrl/")
-    parser.add_argument("--episodes", type=positive_int, default=100, help="held-out tracks to run (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the held-out tracks (default 0)")
+    parser.add_argument("--logdir", type=writable_dir, required=True, help="folder holding vae/, mdrnn/ and ctrl/")
+    parser.add_argument("--episodes", type=int_in(1, 1_000_000), default=100, help="held-out tracks to run (default 100)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="picks the held-out tracks (default 0)")
     parser.add_argument("--display", action="store_true", help="watch the episodes in a window (one at a time)")
-    parser.add_argument("--record", metavar="FILE", help="write episode 0 as an animated GIF to FILE")
-    parser.add_argument("--max-steps", type=positive_int, default=1000, help="steps per episode at most (default 1000)")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (default: all CPU cores)")
-    parser.add_argument("--task-timeout", type=float, default=300.0, help="seconds one episode may take before its worker is replaced (default 300)")
+    parser.add_argument("--record", metavar="FILE", type=writable_file, help="write episode 0 as an animated GIF to FILE")
+    parser.add_argument("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help=f"steps per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    parser.add_argument("--workers", type=int_in(1, 100_000), default=os.cpu_count() or 1, help="worker processes (default: all CPU cores)")
+    parser.add_argument("--task-timeout", type=positive_float, default=300.0, help="seconds one episode may take before its worker is replaced (default 300)")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
     add_backend_args(parser)
     args = parser.parse_args(argv)
     check_backend(args.backend, args.ray_address)
-    if args.seed < 0:
-        parser.error("--seed must be >= 0")
-    if not args.task_timeout > 0:
-        parser.error("--task-timeout must be > 0")
     return args
 
 
 def write_gif(frames: list, path: Path, fps: int) -> None:
     """PIL images -> looping animated GIF, written under a temporary name then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.gif")
-    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        frames[0].save(handle, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             agent = Agent(vae, mdrnn, controller)
             try:
                 for index, seed in enumerate(seeds):
-                    results.append(run_episode(env, agent, seed, args.max_steps, render=True))
+                    results.append(run_episode(env, agent, seed, args.max_steps, on_step=check_window_open))
                     print(f"episode {index}: return {results[-1][0]:.1f} in {results[-1][1]} steps", flush=True)
             except WindowClosed:
                 print("display: window closed; the remaining episodes run headless", flush=True)
@@ -118,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     ax.set(xlabel="episode return", ylabel="episodes", title=f"C on {len(returns)} held-out tracks: {summary}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(eval_dir / "returns.png", dpi=100)
+    with atomic_write(eval_dir / "returns.png") as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
     print(f"return over {len(returns)} episodes: {summary}; per-episode returns in {eval_dir / 'returns.csv'}")
 
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 frames.append(image.resize((round(image.width * GIF_SCALE), round(image.height * GIF_SCALE)), Image.BILINEAR))
 
         env = make_env(fast=fast, render_mode="rgb_array")
-        ret, n = run_episode(env, Agent(vae, mdrnn, controller), seeds[0], args.max_steps, render=True, on_frame=keep)
+        ret, n = run_episode(env, Agent(vae, mdrnn, controller), seeds[0], args.max_steps, on_step=lambda: keep(env.render()))
         env.close()
         write_gif(frames, Path(args.record), GIF_FPS)
         print(f"recorded episode 0 (return {ret:.1f}, {n} steps) to {args.record}")

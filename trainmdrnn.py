@@ -23,9 +23,9 @@ from data.latents import build_latent_cache, cache_path, load_latent_cache, read
 from data.loaders import SequenceDataset
 from envs.carracing import ACTION_SIZE
 from models.mdrnn import MDRNN, mdrnn_loss
-from utils.checkpoint import LAST, fail, load_checkpoint, require_checkpoint
+from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
 from utils.logs import plt
-from utils.cli import one_line_warnings, positive_float, positive_int
+from utils.cli import fail, one_line_warnings, positive_float, positive_int, stage_command
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
@@ -162,7 +162,8 @@ def train(args: argparse.Namespace) -> int:
     rollouts = load_latent_cache(args.logdir, vae_config.get("test_fraction", 0.1), vae_config.get("seed", 0))
     train_rollouts, test_rollouts = split_latents(rollouts)
     if not train_rollouts or not test_rollouts:
-        fail(f"need at least 2 usable rollouts under {args.dataset} for a train/test split, found {len(rollouts)}")
+        fail(f"need at least 2 usable rollouts under {args.dataset} for a train/test split, found {len(rollouts)}; "
+             f"make more with: {stage_command('data', dataset=args.dataset)}")
     if not args.noreload and (stage / LAST).exists():
         previous = load_checkpoint(stage / LAST).get("vae_fingerprint")
         if previous is not None and previous != v_print:

@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.loaders import DEFAULT_BUFFER_SIZE, FrameDataset, NoRolloutsError, dataset_paths, load_rollout, split_rollouts
+from data.loaders import DEFAULT_BUFFER_SIZE, FrameDataset
+from data.rollouts import NoRolloutsError, dataset_paths, load_rollout, split_rollouts
 from models.vae import VAE, frames_to_tensor, vae_loss
-from utils.checkpoint import fail
 from utils.logs import plt
-from utils.cli import fraction, one_line_warnings, positive_float, positive_int
+from utils.cli import fail, fraction, one_line_warnings, positive_float, positive_int, stage_command
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 IMG_CHANNELS = 3  # rollouts hold RGB frames
@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
 
     try:
-        paths, lengths = dataset_paths(args.dataset, f"python data/generation_script.py --rollouts 1000 --rootdir {args.dataset}")
+        paths, lengths = dataset_paths(args.dataset)
     except NoRolloutsError as error:
         fail(str(error))
     train_paths, test_paths = split_rollouts(paths, args.test_fraction, args.seed)
     if not test_paths:
-        fail(f"only {len(paths)} rollout under {args.dataset}; need 2 or more (some are held out for testing): python data/generation_script.py --rollouts 1000 --rootdir {args.dataset}")
+        fail(f"only {len(paths)} rollout under {args.dataset}; need 2 or more (some are held out for testing): {stage_command('data', dataset=args.dataset)}")
     train_data = FrameDataset(train_paths, args.batch_size, shuffle=True, buffer_size=args.buffer_size, seed=args.seed)
     test_data = FrameDataset(test_paths, 4 * args.batch_size, shuffle=False, buffer_size=args.buffer_size)  # no gradients: bigger batches
 

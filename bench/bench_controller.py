@@ -6,7 +6,7 @@
    a single env driven by V+M+C, with the per-step time split into the agent (V encode,
    M step, C; and the 96->64 frame resize they need) and env.step. Measured before and
    after step 2; the ideal uses their mean, so a change in the machine's load shows.
-2. One generation through the real path (utils.agent.evaluate_candidates on a WorkerPool):
+2. One generation through the real path (agent.population.evaluate_candidates on a WorkerPool):
    wall time against ideal = total steps / (single-env steps/s x workers).
    efficiency = ideal / wall; the target is >= 85% with 2 workers.
 
@@ -33,10 +33,13 @@ from envs.carracing import make_env, to_model_frame  # noqa: E402
 from models.controller import Controller  # noqa: E402
 from models.mdrnn import MDRNNCell  # noqa: E402
 from models.vae import VAE  # noqa: E402
-from utils.agent import Agent, evaluate_candidates, init_worker, load_world, train_seeds  # noqa: E402
+from agent.policy import Agent  # noqa: E402
+from agent.population import evaluate_candidates, init_worker  # noqa: E402
+from agent.seeds import train_seeds  # noqa: E402
+from agent.world import load_world  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.params import count_params  # noqa: E402
-from utils.pool import WorkerPool  # noqa: E402
+from pool.local import WorkerPool  # noqa: E402
 
 
 def make_world(logdir: Path, latent: int, hidden: int) -> None:

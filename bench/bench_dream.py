@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from envs.simulated_carracing import SimulatedCarRacing, dream_returns  # noqa: E402
+from agent.dream import dream_returns  # noqa: E402
+from envs.simulated_carracing import SimulatedCarRacing  # noqa: E402
 from models.controller import Controller  # noqa: E402
 from models.mdrnn import MDRNNCell  # noqa: E402
 from utils.params import get_flat_params  # noqa: E402

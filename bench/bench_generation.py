@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.carracing import random_actions, rollout_seeds  # noqa: E402
 from data.generation_script import init_worker, run_rollout  # noqa: E402
 from envs.carracing import make_env  # noqa: E402
-from utils.pool import WorkerPool  # noqa: E402
+from pool.local import WorkerPool  # noqa: E402
 
 
 def plain_loop(rollouts: int, steps: int, fast: bool) -> float:

@@ -3,7 +3,7 @@
     python bench/bench_ray.py [--episodes 16 --max-steps 200 --workers 2] [--ray-address HOST:PORT]
 
 The same episodes (4 candidates x episodes/4 tracks, random-init V and M at the paper's sizes,
-latent 32 and hidden 256, in a temp dir) run through utils.agent.evaluate_candidates, the path
+latent 32 and hidden 256, in a temp dir) run through agent.population.evaluate_candidates, the path
 traincontroller.py takes, on each backend with 1 and with K workers. Rates are steady state:
 timed from the first task to the last result on a started pool; pool start-up (a local Ray,
 actors loading V, M and an env) is printed apart. Ray's own cost per task (scheduling, object
@@ -29,10 +29,12 @@ from utils.cli import positive_int  # noqa: E402
 from models.controller import Controller  # noqa: E402
 from models.mdrnn import MDRNNCell  # noqa: E402
 from models.vae import VAE  # noqa: E402
-from utils.agent import evaluate_candidates, init_worker, train_seeds  # noqa: E402
+from agent.population import evaluate_candidates, init_worker  # noqa: E402
+from agent.seeds import train_seeds  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.params import count_params  # noqa: E402
-from utils.pool import WorkerPool, check_backend, make_pool  # noqa: E402
+from pool import check_backend, make_pool  # noqa: E402
+from pool.local import WorkerPool  # noqa: E402
 
 CANDIDATES = 4
 
@@ -100,7 +102,7 @@ def main() -> int:
     parser.add_argument("--skip-local", action="store_true", help="measure the Ray backend only")
     args = parser.parse_args()
     check_backend("ray", args.ray_address)
-    from utils import ray_pool
+    import pool.ray_backend as ray_pool  # optional dependency: after check_backend
 
     cores, load = os.cpu_count() or 1, os.getloadavg()[0]
     print(f"{cores} cores, load average {load:.1f} before starting; {args.episodes} episodes x {args.max_steps} steps, "

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import trainvae  # noqa: E402
-from data.loaders import FrameDataset, dataset_paths, split_rollouts  # noqa: E402
+from data.loaders import FrameDataset  # noqa: E402
+from data.rollouts import dataset_paths, split_rollouts  # noqa: E402
 from models.vae import VAE, frames_to_tensor, vae_loss  # noqa: E402
 from utils.training import pick_device, seed_everything  # noqa: E402
 

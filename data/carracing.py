@@ -1,35 +1,20 @@
-"""Random-policy rollouts of CarRacing, one compressed `.npz` per episode.
-
-Run alone as one worker:  python -m data.carracing --dir D --rollouts N --policy brown
-(`data/generation_script.py` runs several of these in parallel.)
+"""Random-policy CarRacing episodes: the policies, and playing one rollout.
 
 Rollout I is a pure function of (seed, I): its env seed and its policy's noise both come
 from `numpy.random.SeedSequence([seed, I])`, so the same command gives the same bytes
 whatever the number of workers and whichever worker happens to run it.
+
+The command line is data/generation_script.py (K workers, resumable); the file format
+(naming, atomic reproducible writes) is data/rollouts.py's.
 """
 from __future__ import annotations
 
-import argparse
-import io
-import os
-import sys
-import zipfile
-from pathlib import Path
-
 import numpy as np
 
-if __package__ in (None, ""):  # `python data/carracing.py` as well as `python -m data.carracing`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from envs.carracing import MAX_EPISODE_STEPS, make_env, to_model_frame  # noqa: E402
-from utils.cli import positive_int  # noqa: E402
+from envs.carracing import MAX_EPISODE_STEPS, to_model_frame
 
 POLICIES = ("brown", "white")
 BROWNIAN_DT = 1.0 / 50.0
-ROLLOUT_KEYS = ("observations", "actions", "rewards", "terminals")
-# zlib level 1: 0.1 ms per frame instead of 0.3 ms at the default level 6, for files about
-# 1.4x larger (~1.4 MB per 1000-step rollout). Generation is CPU-bound; disk is cheap.
-COMPRESS_LEVEL = 1
 
 
 def rollout_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
@@ -87,64 +72,3 @@ def generate_rollout(env, index: int, seed: int = 0, policy: str = "brown", max_
         "policy": np.asarray(policy),
         "env_id": np.asarray(env.spec.id if env.spec else "CarRacing-v3"),
     }
-
-
-def save_rollout(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """Write `arrays` as a compressed .npz, atomically and byte-for-byte reproducibly.
-
-    The format is exactly `numpy.savez_compressed`'s (a zip of `.npy` members), but every
-    member gets a fixed timestamp so equal arrays give equal bytes. The file is written under
-    a hidden temporary name, fsynced, then renamed: a killed run never leaves a partial file
-    that matches `rollout_*.npz`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as raw:
-        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for key, value in arrays.items():
-                buffer = io.BytesIO()
-                np.lib.format.write_array(buffer, np.asanyarray(value), allow_pickle=False)
-                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                archive.writestr(info, buffer.getvalue(), compresslevel=COMPRESS_LEVEL)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
-
-
-def rollout_path(root: str | os.PathLike, index: int, thread: int | None = None) -> Path:
-    """`root/thread_K/rollout_I.npz`, or `root/rollout_I.npz` without a thread."""
-    folder = Path(root) if thread is None else Path(root) / f"thread_{thread}"
-    return folder / f"rollout_{index}.npz"
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate random-policy CarRacing rollouts in one process.")
-    parser.add_argument("--dir", required=True, help="folder to write rollout_I.npz files to")
-    parser.add_argument("--rollouts", type=positive_int, required=True, help="number of rollouts")
-    parser.add_argument("--policy", choices=POLICIES, default="brown", help="random policy (default: brown)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; rollout I is seeded from (seed, I)")
-    parser.add_argument("--max-steps", type=positive_int, default=MAX_EPISODE_STEPS, help="steps per rollout at most")
-    parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
-    args = parser.parse_args(argv)
-
-    from tqdm import tqdm
-
-    env = make_env(fast=not args.slow_env)
-    frames = 0
-    with tqdm(range(args.rollouts), unit="rollout") as bar:
-        for index in bar:
-            path = rollout_path(args.dir, index)
-            if path.exists():
-                continue
-            arrays = generate_rollout(env, index, args.seed, args.policy, args.max_steps)
-            save_rollout(path, arrays)
-            frames += len(arrays["actions"])
-            bar.set_postfix(frames=frames)
-    env.close()
-    print(f"{args.rollouts} rollouts in {args.dir} ({frames} new frames)")
-
-
-if __name__ == "__main__":
-    main()

@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from data.carracing import POLICIES, generate_rollout, rollout_path, save_rollout  # noqa: E402
+from data.carracing import POLICIES, generate_rollout  # noqa: E402
+from data.rollouts import find_rollouts, remove_partial_files, rollout_path, save_rollout  # noqa: E402
 from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
+from pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
 from utils.cli import positive_int  # noqa: E402
-from utils.pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
 
 _env = None  # one env per worker process, built once by `init_worker`
 
@@ -40,17 +41,6 @@ def run_rollout(index: int, thread: int, rootdir: str, seed: int, policy: str, m
     arrays = generate_rollout(_env, index, seed, policy, max_steps)
     save_rollout(rollout_path(rootdir, index, thread), arrays)
     return len(arrays["actions"])
-
-
-def existing_rollouts(rootdir: Path) -> set[int]:
-    """Indices of the complete rollouts already under `rootdir` (any thread folder)."""
-    found = set()
-    for path in rootdir.rglob("rollout_*.npz"):
-        try:
-            found.add(int(path.stem.split("_", 1)[1]))
-        except ValueError:
-            pass
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rootdir = Path(args.rootdir)
     rootdir.mkdir(parents=True, exist_ok=True)
-    for stale in rootdir.rglob(".rollout_*.tmp"):  # left by a killed run; never read by loaders
-        stale.unlink(missing_ok=True)
-    done = existing_rollouts(rootdir)
+    remove_partial_files(rootdir)  # hidden temporaries left by a killed run; never read by loaders
+    done = {index for index, _ in find_rollouts(rootdir)}  # complete files, in any thread folder
     todo = [i for i in range(args.rollouts) if i not in done]
     if not todo:
         print(f"all {args.rollouts} rollouts already in {rootdir}; nothing to do")

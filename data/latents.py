@@ -36,9 +36,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.loaders import NoRolloutsError, RolloutBuffer, dataset_paths, split_rollouts
+from data.loaders import RolloutBuffer
+from data.rollouts import NoRolloutsError, dataset_paths, split_rollouts
 from models.vae import VAE
-from utils.checkpoint import BEST, fail, require_checkpoint, stage_dir
+from utils.checkpoint import BEST, load_model, stage_dir
+from utils.cli import fail, stage_command
+from utils.files import atomic_write
 
 CACHE_NAME = "latents.npz"
 CACHE_VERSION = 1
@@ -99,10 +102,11 @@ def build_latent_cache(
     """
     path = cache_path(logdir)
     # fingerprint before loading: if V changes in between, the cache is merely rebuilt next time
-    state = require_checkpoint(logdir, "vae")
-    v_print = vae_fingerprint(logdir)
+    v_print = vae_fingerprint(logdir) if (stage_dir(logdir, "vae") / BEST).is_file() else None
+    vae, state = load_model(VAE, logdir, "vae", device)  # or one line naming trainvae.py
+    v_print = v_print or vae_fingerprint(logdir)
     try:
-        paths, lengths_found = dataset_paths(dataset, make_cmd=f"python data/generation_script.py --rollouts 1000 --rootdir {dataset}")
+        paths, lengths_found = dataset_paths(dataset)
     except NoRolloutsError as error:  # one line naming the command that makes them
         fail(str(error))
     d_print = dataset_fingerprint(dataset, paths)
@@ -112,9 +116,6 @@ def build_latent_cache(
         return path
 
     reason = "no cache yet" if meta is None else "V's best.pt changed" if meta.get("vae") != v_print else "the dataset changed"
-    vae = VAE(**{k: state["config"][k] for k in ("latent_size", "img_channels") if k in state["config"]})
-    vae.load_state_dict(state["state_dict"])
-    vae = vae.to(device).eval()
     if verbose:
         print(f"encoding {len(paths)} rollouts with V ({stage_dir(logdir, 'vae') / BEST}, epoch {state.get('epoch')}) into {path}: {reason}")
 
@@ -138,7 +139,7 @@ def build_latent_cache(
                 frames += len(obs)
                 bar.update(len(obs))
     if not lengths:
-        fail(f"no usable rollout under {dataset} (every file was skipped); regenerate them with: python data/generation_script.py --rollouts 1000 --rootdir {dataset}")
+        fail(f"no usable rollout under {dataset} (every file was skipped); regenerate them with: {stage_command('data', dataset=dataset)}")
 
     arrays = {key: np.concatenate(parts) for key, parts in columns.items()}
     arrays["lengths"] = np.asarray(lengths, dtype=np.int64)
@@ -148,25 +149,12 @@ def build_latent_cache(
         "version": CACHE_VERSION, "vae": v_print, "dataset": d_print, "latent_size": int(arrays["mu"].shape[1]),
         "vae_epoch": state.get("epoch"), "frames": int(arrays["lengths"].sum()), "rollouts": len(lengths),
     }))
-    _save_atomic(path, arrays)
+    with atomic_write(path) as handle:  # a file object, so numpy adds no ".npz" suffix
+        np.savez(handle, **arrays)
     if verbose:
         elapsed = time.perf_counter() - start
         print(f"cached {frames} frames of {len(lengths)} rollouts in {elapsed:.1f}s ({frames / max(elapsed, 1e-9):.0f} frames/s)")
     return path
-
-
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temporary name in the same folder, fsync, rename: never a half cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:  # a file object, so numpy adds no ".npz" suffix
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left over when interrupted or on a full disk
 
 
 def load_latent_cache(logdir: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0) -> list[dict]:
@@ -174,7 +162,7 @@ def load_latent_cache(logdir: str | os.PathLike, test_fraction: float = 0.1, see
     `rewards` (T,), `terminals` (T,) as numpy views, plus `file` (str, relative to the
     dataset root) and `test` (bool): whether V's split puts it in the test set.
 
-    The split is `data.loaders.split_rollouts(files, test_fraction, seed)` over every usable
+    The split is `data.rollouts.split_rollouts(files, test_fraction, seed)` over every usable
     rollout file found when the cache was built; pass V's `test_fraction` and `seed` (from its
     checkpoint's config) so that M's (and the dream's) test rollouts are V's test rollouts.
     Stops with one line if there is no readable cache.
@@ -184,7 +172,7 @@ def load_latent_cache(logdir: str | os.PathLike, test_fraction: float = 0.1, see
         with np.load(path, allow_pickle=False) as archive:
             data = {key: archive[key] for key in (*STEP_KEYS, "lengths", "files", "all_files")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        fail(f"cannot read the latent cache {path} ({type(error).__name__}); run `python trainmdrnn.py --logdir {logdir}` to build it")
+        fail(f"cannot read the latent cache {path} ({type(error).__name__}); run `{stage_command('mdrnn', logdir)}` to build it")
     _, test_files = split_rollouts([Path(f) for f in data["all_files"]], test_fraction, seed)
     test_set = {p.as_posix() for p in test_files}
     bounds = np.cumsum(data["lengths"])[:-1]

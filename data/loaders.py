@@ -8,138 +8,24 @@ memory at a time (loading the next buffer in a background thread while the curre
 consumed), so memory is bounded however many rollouts the folder holds: about
 `2 x buffer_size x 12.3 MB` for 1000-step rollouts of 64x64x3 uint8 frames (default
 buffer_size=32: ~0.8 GB). Train/test split is by rollout, never by frame.
+
+The file format itself (finding, reading, validating and splitting rollouts) is
+data/rollouts.py's; this module only batches what it reads.
 """
 from __future__ import annotations
 
 import math
 import threading
-import warnings
-import zipfile
-import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from envs.carracing import ACTION_SIZE, MODEL_SIZE
+from data.rollouts import ROLLOUT_KEYS, load_rollout
+from envs.carracing import MODEL_SIZE
 
 DEFAULT_BUFFER_SIZE = 32
-ROLLOUT_SHAPES = {  # key -> (shape after T, dtype kind)
-    "observations": ((MODEL_SIZE, MODEL_SIZE, 3), np.uint8),
-    "actions": ((ACTION_SIZE,), np.float32),
-    "rewards": ((), np.float32),
-    "terminals": ((), np.bool_),
-}
-
-
-# What a damaged file raises while being read: a bad zip, a bad deflate stream, a bad .npy.
-BAD_FILE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
-
-
-class NoRolloutsError(RuntimeError):
-    """No usable rollout under the dataset root."""
-
-
-def find_rollouts(root: str | Path) -> list[Path]:
-    """All `rollout_*.npz` under `root` (recursively: thread_K/ folders or flat), sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(root.rglob("rollout_*.npz"), key=lambda p: (str(p.parent), _index(p)))
-
-
-def _index(path: Path) -> int:
-    try:
-        return int(path.stem.split("_", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def load_rollout(path: str | Path, keys: Sequence[str] = tuple(ROLLOUT_SHAPES)) -> dict[str, np.ndarray] | None:
-    """The arrays of one rollout, or None (with one warning naming the file) if it is unusable.
-
-    Unusable: not a readable zip/npz, a key missing, a wrong shape or dtype, or arrays whose
-    lengths disagree. Readers ignore extra keys.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in keys}
-    except BAD_FILE_ERRORS as error:
-        warnings.warn(f"skipping unreadable rollout {path}: {type(error).__name__}: {error}", stacklevel=2)
-        return None
-    length = None
-    for key, value in arrays.items():
-        shape, dtype = ROLLOUT_SHAPES[key]
-        if value.ndim != 1 + len(shape) or value.shape[1:] != shape or value.dtype != dtype:
-            warnings.warn(f"skipping rollout {path}: {key} has shape {value.shape} {value.dtype}, expected (T, {', '.join(map(str, shape))}) {np.dtype(dtype)}", stacklevel=2)
-            return None
-        if length is None:
-            length = len(value)
-        elif len(value) != length or length == 0:
-            warnings.warn(f"skipping rollout {path}: arrays have different or zero lengths", stacklevel=2)
-            return None
-    return arrays
-
-
-def split_rollouts(paths: Sequence[Path], test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """Deterministic train/test split by rollout: a seeded shuffle of the sorted paths.
-
-    At least one rollout goes to each side when there are two or more.
-    """
-    paths = sorted(paths, key=str)
-    if len(paths) < 2:
-        return list(paths), []
-    order = np.random.default_rng(seed).permutation(len(paths))
-    n_test = min(max(1, round(len(paths) * test_fraction)), len(paths) - 1)
-    test = sorted((paths[i] for i in order[:n_test]), key=str)
-    train = sorted((paths[i] for i in order[n_test:]), key=str)
-    return train, test
-
-
-def rollout_length(path: str | Path) -> int | None:
-    """Cheap validity check: the number of steps of a rollout file, or None if unusable.
-
-    Opens the zip (a truncated file has no central directory and fails here), checks every
-    key is present, and reads only the small arrays and the observations' .npy header, so
-    scanning thousands of rollouts costs milliseconds each. Warns once naming a bad file.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            missing = [k for k in ROLLOUT_SHAPES if f"{k}.npy" not in names]
-            if missing:
-                raise ValueError(f"missing keys {missing}")
-            with archive.open("observations.npy") as member:
-                version = np.lib.format.read_magic(member)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read_header(member)
-            with archive.open("rewards.npy") as member:
-                rewards = np.lib.format.read_array(member)
-    except BAD_FILE_ERRORS as error:
-        warnings.warn(f"skipping unreadable rollout {path}: {type(error).__name__}: {error}", stacklevel=2)
-        return None
-    expected = (len(rewards), MODEL_SIZE, MODEL_SIZE, 3)
-    if tuple(shape) != expected or dtype != np.uint8 or len(rewards) == 0:
-        warnings.warn(f"skipping rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8", stacklevel=2)
-        return None
-    return len(rewards)
-
-
-def dataset_paths(root: str | Path, make_cmd: str = "python data/generation_script.py --rollouts 1000 --rootdir datasets/carracing") -> tuple[list[Path], list[int]]:
-    """The usable rollouts under `root` and their lengths.
-
-    Unusable files are skipped with one warning each; none usable raises NoRolloutsError
-    whose message is one line naming the command that makes a dataset.
-    """
-    paths = find_rollouts(root)
-    if not paths:
-        raise NoRolloutsError(f"no rollouts found under {root}; make them with: {make_cmd}")
-    lengths = [rollout_length(p) for p in paths]
-    usable = [(p, n) for p, n in zip(paths, lengths) if n is not None]
-    if not usable:
-        raise NoRolloutsError(f"none of the {len(paths)} rollout files under {root} is usable; regenerate them with: {make_cmd}")
-    return [p for p, _ in usable], [n for _, n in usable]
 
 
 class RolloutBuffer:
@@ -149,7 +35,7 @@ class RolloutBuffer:
     pass notes which files are usable.
     """
 
-    def __init__(self, paths: Sequence[Path], buffer_size: int = DEFAULT_BUFFER_SIZE, keys: Sequence[str] = tuple(ROLLOUT_SHAPES)) -> None:
+    def __init__(self, paths: Sequence[Path], buffer_size: int = DEFAULT_BUFFER_SIZE, keys: Sequence[str] = ROLLOUT_KEYS) -> None:
         self.paths = list(paths)
         self.buffer_size = max(1, buffer_size)
         self.keys = tuple(keys)

@@ -15,7 +15,8 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # no window ever opens in tes
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """6 real Brownian rollouts of 40 steps (4 short ones end at 25), made once per session."""
-    from data.carracing import generate_rollout, rollout_path, save_rollout
+    from data.carracing import generate_rollout
+    from data.rollouts import rollout_path, save_rollout
     from envs.carracing import make_env
 
     root = tmp_path_factory.mktemp("dataset")

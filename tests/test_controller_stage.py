@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -26,10 +25,14 @@ from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
-from utils.agent import Agent, evaluate_candidates, init_worker, load_world, run_episode, train_seeds
+from agent.policy import Agent, run_episode
+from agent.population import evaluate_candidates, init_worker
+from agent.seeds import train_seeds
+from agent.search import Search
+from agent.world import load_world
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.params import count_params, get_flat_params, set_flat_params
-from utils.pool import WorkerPool
+from pool.local import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT, HIDDEN, STEPS = 8, 16, 30
@@ -140,7 +143,7 @@ def test_fitness_is_mean_of_episode_returns(world):
 
 def test_display_process_drives_best_controller(trained):
     """watch_best (the --display process) opens a window (SDL's virtual one here) and drives best.pt."""
-    code = f"from utils.agent import watch_best; watch_best({str(trained['logdir'])!r}, 20, 0, episodes=2)"
+    code = f"from agent.display import watch_best; watch_best({str(trained['logdir'])!r}, 20, 0, episodes=2)"
     env = dict(os.environ, SDL_VIDEODRIVER="dummy")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
@@ -150,9 +153,10 @@ def test_display_process_drives_best_controller(trained):
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_restores_saved_search(trained):
-    """last.pt after generation 1 holds the es itself: same sigma, mean = the saved C, generation 1."""
+    """last.pt after generation 1 rebuilds the search: same sigma, mean = the saved C, generation 1."""
     state = load_checkpoint(trained["logdir"] / "last_after_1.pt")  # weights_only=True
-    es = pickle.loads(state["es"])
+    assert state["fitness"].shape == (1, 4)
+    es = Search.from_state(state).es
     assert state["generation"] == 1 and es.countiter == 1
     assert es.sigma == state["sigma"]
     controller = Controller(**state["config"])
@@ -173,7 +177,7 @@ def test_two_generations_equal_one_plus_resume(trained, tmp_path):
         signal.signal(signal.SIGTERM, previous)
     straight = load_checkpoint(logdir / "ctrl" / "last.pt")
     resumed = load_checkpoint(trained["logdir"] / "ctrl" / "last.pt")
-    es_straight, es_resumed = pickle.loads(straight["es"]), pickle.loads(resumed["es"])
+    es_straight, es_resumed = Search.from_state(straight).es, Search.from_state(resumed).es
     assert straight["generation"] == resumed["generation"] == 2
     assert np.array_equal(es_straight.mean, es_resumed.mean)
     assert es_straight.sigma == es_resumed.sigma
@@ -228,7 +232,7 @@ def test_interrupt_leaves_valid_last_pt(tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted in generation 1" in err
     state = load_checkpoint(logdir / "ctrl" / "last.pt")
-    assert state["generation"] == 0 and pickle.loads(state["es"]).countiter == 0
+    assert state["generation"] == 0 and Search.from_state(state).es.countiter == 0
     time.sleep(0.5)
     assert not [pid for pid in workers if _running(pid)]
 
@@ -280,11 +284,7 @@ def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
 
     logdir = make_world(tmp_path)
     other = dict(latent_size=LATENT, hidden_size=32, action_size=3)
-    es = traincontroller.new_search(other, 4, 0.1, 0)
-    search = dict(pop_size=4, sigma0=0.1, seed=0)
-    save_checkpoint(logdir / "ctrl" / "last.pt", {"es": pickle.dumps(es), "generation": 0, "sigma": 0.1,
-                                                   "best_eval_return": -1e9, "best_generation": 0, "config": other,
-                                                   "search": search, "state_dict": Controller(**other).state_dict()})
+    save_checkpoint(logdir / "ctrl" / "last.pt", Search(other, 4, 0.1, 0).state())
     save_checkpoint(logdir / "ctrl" / "best.pt", {"state_dict": Controller(**other).state_dict(), "config": other,
                                                    "generation": 1, "eval_return": 1.0, "eval_std": 0.0})
     line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
@@ -293,8 +293,34 @@ def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
     assert "hidden 32" in line and "--noreload" in line
 
     same = dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3)
-    state = load_checkpoint(logdir / "ctrl" / "last.pt")
-    state |= {"es": pickle.dumps(traincontroller.new_search(same, 4, 0.1, 0)), "config": same}
+    state = Search(same, 4, 0.1, 0).state()
     save_checkpoint(logdir / "ctrl" / "last.pt", state)
     line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "8")  # the saved es samples 4
     assert "pop_size=4" in line and "--noreload" in line
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_runs_code_from_last_pt(tmp_path, capsys):
+    """A last.pt carrying a code-running pickle (inside a bytes entry, or as the file itself): no code runs."""
+    import pickle
+
+    logdir, marker = make_world(tmp_path), tmp_path / "code_ran"
+    config = dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3)
+    old_style = Search(config, 4, 0.1, 0).state() | {"es": pickle.dumps(_RunsCode(marker))}
+    del old_style["fitness"]  # the pre-relayout format: the search only in the pickled "es" bytes
+    save_checkpoint(logdir / "ctrl" / "last.pt", old_style)
+    line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
+    assert "cannot resume" in line and "--noreload" in line
+    torch.save({"search": _RunsCode(marker)}, logdir / "ctrl" / "last.pt")  # the pickle itself runs code
+    line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
+    assert "cannot resume" in line and "--noreload" in line
+    assert not marker.exists()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from envs.simulated_carracing import SimulatedCarRacing, dream_returns, episode_noise
+from agent.dream import dream_returns
+from envs.simulated_carracing import SimulatedCarRacing, episode_noise
 from models.controller import Controller
 from models.mdrnn import MDRNNCell, sample_gmm
 from models.vae import VAE

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from data.latents import build_latent_cache, cache_path, load_latent_cache, read_meta, split_latents
-from data.loaders import dataset_paths, load_rollout, split_rollouts
+from data.rollouts import dataset_paths, load_rollout, split_rollouts
 from models.vae import VAE
-from utils.checkpoint import load_checkpoint, load_mdrnn, save_checkpoint
+from agent.world import load_mdrnn
+from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = 8

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.report import build_report, score_text
-from utils.timing import read_timings, run_timed
+from reporting.report import build_report, score_text
+from reporting.timing import read_timings, run_timed
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["data", "vae", "mdrnn", "ctrl", "test"]

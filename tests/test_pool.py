@@ -1,4 +1,4 @@
-"""utils.pool.WorkerPool: crashed, hung and failing workers never hang or silently lose work.
+"""pool.local.WorkerPool: crashed, hung and failing workers never hang or silently lose work.
 
 Task functions live at module level (spawned workers import them by name); the module
 imports nothing heavy, so workers start fast.
@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from utils.pool import WorkerError, WorkerPool
+from pool import WorkerError
+from pool.local import WorkerPool
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def square_after(x: int, delay: float) -> int:
@@ -30,10 +36,18 @@ def die_once(x: int, marker: str) -> int:
     return x + 100
 
 
+def first_to_claim(marker: str) -> bool:
+    """True for exactly one caller, in any process: creating the file is the test and the claim at once."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def hang_once(x: int, marker: str) -> int:
-    """Hangs the first time (a stuck env), then succeeds."""
-    if not os.path.exists(marker):
-        Path(marker).touch()
+    """Hangs the first time (a stuck env), then succeeds; only one task of the map hangs."""
+    if first_to_claim(marker):
         time.sleep(3600)
     return -x
 
@@ -47,6 +61,19 @@ def boom(x: int) -> int:
     if x == 2:
         raise ValueError(f"boom on task {x}")
     return x
+
+
+def slow_start(seconds: float) -> None:
+    """An initializer as slow as loading V and M."""
+    time.sleep(seconds)
+
+
+def die_at_start() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def raise_at_start() -> None:
+    raise ValueError("bad config")
 
 
 def test_map_returns_results_in_task_order():
@@ -126,10 +153,88 @@ def test_interrupt_stops_every_worker():
     assert not any(_alive(pid) for pid in pids)
 
 
+def test_worker_killed_while_starting_up_is_replaced():
+    logs: list[str] = []
+    with WorkerPool(2, slow_start, (2.0,), log=logs.append) as pool:
+        os.kill(pool.pids[0], signal.SIGKILL)  # still booting or in its initializer
+        assert pool.map(square_after, [(x, 0.0) for x in range(4)]) == [0, 1, 4, 9]
+        assert pool.restarts == 1
+    assert any("while starting up; replacing it" in line for line in logs), logs
+
+
+def test_workers_dying_at_every_start_give_up():
+    with WorkerPool(1, die_at_start, max_retries=1, log=lambda text: None) as pool:
+        with pytest.raises(WorkerError, match="while starting up, 2 times in a row; giving up"):
+            pool.map(square_after, [(1, 0.0)])
+
+
+def test_initializer_raising_stops_at_once():
+    with WorkerPool(1, raise_at_start) as pool:
+        with pytest.raises(WorkerError, match=r"(?s)failed to start.*ValueError: bad config"):
+            pool.map(square_after, [(1, 0.0)])
+        assert pool.restarts == 0  # a bug is not retried
+
+
+def test_timeout_clock_starts_with_the_task(tmp_path, monkeypatch):
+    """Neither a slow initializer nor a slow import of the task's module counts against the task."""
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent("""
+        import multiprocessing
+        import time
+
+        if multiprocessing.parent_process() is not None:  # in a worker: an import as slow as torch's
+            time.sleep(2.0)
+
+
+        def double(x):
+            return 2 * x
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path
+    import slow_import
+
+    try:
+        with WorkerPool(1, slow_start, (2.0,), task_timeout=1.0, max_retries=0) as pool:
+            assert pool.map(slow_import.double, [(1,), (2,)]) == [2, 4]
+            assert pool.restarts == 0
+    finally:
+        sys.modules.pop("slow_import", None)
+
+
+def test_orphaned_worker_leaves_quietly():
+    """kill -9 of the main process mid-task: its worker exits at once, without a traceback."""
+    main = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        from pool.local import WorkerPool
+        from test_pool import square_after
+
+        pool = WorkerPool(1)
+        pool.map(square_after, [(0, 0.0)])  # the worker is up
+        print(pool.pids[0], flush=True)
+        pool.map(square_after, [(3, 10.0)])
+    """)
+    process = subprocess.Popen([sys.executable, "-c", main], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # the worker inherits both
+    try:
+        line = process.stdout.readline()
+        assert line.strip().isdigit(), process.communicate(timeout=60)[1]
+        worker = int(line)
+        time.sleep(1.0)  # the worker is in its task
+        process.kill()
+        killed = time.monotonic()
+        _, stderr = process.communicate(timeout=60)  # end of file once the worker has gone too
+        assert time.monotonic() - killed < 5, "the worker finished its task instead of leaving"
+    finally:
+        process.kill()
+    assert "Traceback" not in stderr, stderr
+    assert not _alive(worker)
+
+
 def _alive(pid: int) -> bool:
     """Whether a process exists (the pool joins the workers it stops, so none lingers as a zombie)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # an orphan awaiting init
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
+    except OSError:  # no /proc: existing is alive enough
+        return True

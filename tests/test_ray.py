@@ -1,4 +1,4 @@
-"""The Ray backend (utils/ray_pool.py): the local pool's results, lost workers rerun, one-line errors.
+"""The Ray backend (pool/ray_backend.py): the local pool's results, lost workers rerun, one-line errors.
 
 One Ray cluster is started for the module like a user's head node (`ray start --head`), bound
 to 127.0.0.1 only, and the scripts join it by address as they would a cluster's. Task
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -23,12 +22,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from utils.pool import WorkerError, make_pool  # noqa: E402
+from pool import WorkerError, make_pool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_CLI = Path(sys.executable).with_name("ray")
 # This module's cluster: loopback only (Ray's single-machine mode keeps 127.0.0.1, see
-# utils/ray_pool.py), no token authentication (nothing but this machine can reach it), and
+# pool/ray_backend.py), no token authentication (nothing but this machine can reach it), and
 # the same settings for every driver that joins it.
 CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -41,10 +40,13 @@ def square_after(x: int, delay: float) -> int:
 
 
 def hang_once(x: int, marker: str) -> int:
-    """Hangs the first time (a stuck env), then succeeds."""
-    if not os.path.exists(marker):
-        Path(marker).touch()
-        time.sleep(3600)
+    """Hangs the first time (a stuck env), then succeeds; creating the marker is the test and the
+    claim at once, so only one task of the map hangs."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return -x
+    time.sleep(3600)
     return -x
 
 
@@ -159,6 +161,7 @@ def test_cmaes_generation_on_ray_matches_local(cluster, tmp_path):
     """One CMA-ES generation (pop 4, 30-step episodes, small random V/M): same fitness, CSV row and mean."""
     from test_controller_stage import make_world  # the random-init V/M of the stage tests
 
+    from agent.search import Search
     from utils.checkpoint import load_checkpoint
 
     args = ["--pop-size", "4", "--n-samples", "2", "--max-steps", "30", "--generations", "1", "--eval-every", "1",
@@ -168,7 +171,7 @@ def test_cmaes_generation_on_ray_matches_local(cluster, tmp_path):
         logdir = make_world(tmp_path / backend)
         result = run("traincontroller.py", "--logdir", str(logdir), *args, *extra)
         assert result.returncode == 0, result.stderr
-        es = pickle.loads(load_checkpoint(logdir / "ctrl" / "last.pt")["es"])
+        es = Search.from_state(load_checkpoint(logdir / "ctrl" / "last.pt")).es
         runs[backend] = dict(rows=read_rows(logdir / "ctrl" / "log.csv"), mean=es.mean, fitness=sorted(es.fit.fit),
                              best=load_checkpoint(logdir / "ctrl" / "best.pt")["eval_return"])
     local, remote = runs["local"], runs["ray"]

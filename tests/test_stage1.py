@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.carracing import BROWNIAN_DT, generate_rollout, random_actions, rollout_path, save_rollout
-from data.loaders import (
-    FrameDataset,
-    NoRolloutsError,
-    SequenceDataset,
-    dataset_paths,
-    load_rollout,
-    split_rollouts,
-)
+from data.carracing import BROWNIAN_DT, generate_rollout, random_actions
+from data.loaders import FrameDataset, SequenceDataset
+from data.rollouts import NoRolloutsError, dataset_paths, load_rollout, rollout_path, save_rollout, split_rollouts
 from envs.carracing import make_env, to_model_frame
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,55 +1,28 @@
 """Checkpoints every stage writes and reads: `L/<stage>/last.pt` and `L/<stage>/best.pt`.
 
-Files are written atomically (temporary name, fsync, rename), so a kill at any moment
-leaves the previous complete file. They hold only tensors, numbers, strings and containers
-of those, so they load with `torch.load(..., weights_only=True)`.
+Files are written atomically (utils.files.atomic_write), so a kill at any moment leaves the
+previous complete file. They hold only tensors, numbers, strings and containers of those, so
+they load with `torch.load(..., weights_only=True)`: nothing read from a logdir runs code.
 """
 from __future__ import annotations
 
+import inspect
 import os
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
+from utils.cli import error_line, fail, stage_command
+from utils.files import atomic_write
+
 LAST, BEST = "last.pt", "best.pt"
-
-# The command that makes each stage's checkpoint, for "missing input" messages.
-STAGE_COMMANDS = {
-    "vae": "python trainvae.py --logdir {logdir}",
-    "mdrnn": "python trainmdrnn.py --logdir {logdir}",
-    "ctrl": "python traincontroller.py --logdir {logdir}",
-}
-
-
-class StageInputError(SystemExit):
-    """A stage cannot start: its message is one line for the user (exit status 1)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(1)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def fail(message: str) -> NoReturn:
-    """Stop the script with one line on stderr and exit status 1, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise StageInputError(message)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """torch.save `payload` to `path` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    """torch.save `payload` to `path` atomically."""
+    with atomic_write(path) as handle:
         torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -61,16 +34,21 @@ def stage_dir(logdir: str | os.PathLike, stage: str) -> Path:
     return Path(logdir) / stage
 
 
-def require_checkpoint(logdir: str | os.PathLike, stage: str, which: str = BEST, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The previous stage's checkpoint, or one line naming the command that makes it."""
+def require_checkpoint(logdir: str | os.PathLike, stage: str, which: str = BEST, map_location: str | torch.device = "cpu",
+                       keys: tuple[str, ...] = ("state_dict", "config")) -> dict[str, Any]:
+    """The previous stage's checkpoint with `keys`, or one line naming the command that makes it."""
     path = stage_dir(logdir, stage) / which
+    command = stage_command(stage, logdir)
     if not path.is_file():
-        command = STAGE_COMMANDS.get(stage, "the previous stage").format(logdir=logdir)
         fail(f"{path} not found; run `{command}` first")
     try:
-        return load_checkpoint(path, map_location)
+        state = load_checkpoint(path, map_location)
     except Exception as error:  # corrupt or foreign file: one line, not a traceback
-        fail(f"cannot read {path} ({type(error).__name__}: {error}); rerun `{STAGE_COMMANDS.get(stage, 'that stage').format(logdir=logdir)} --noreload`")
+        fail(f"cannot read {path} ({error_line(error)}); rerun `{command} --noreload`")
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        fail(f"{path} is not a {stage} checkpoint (no {', '.join(missing)}); rerun `{command} --noreload`")
+    return state
 
 
 def check_config(saved: dict[str, Any], wanted: dict[str, Any], path: str | os.PathLike, keys: list[str] | None = None) -> None:
@@ -85,26 +63,15 @@ def load_model(cls: type, logdir: str | os.PathLike, stage: str, device: str | t
     """Rebuild a stage's model from its checkpoint: sizes from `config`, never from constants.
 
     Only the constructor arguments of `cls` are taken from the config (which also holds
-    training hyper-parameters). Returns (model in eval mode on `device`, checkpoint).
+    training hyper-parameters). Returns (model in eval mode on `device`, checkpoint). Weights
+    that do not fit the config give one line naming the file.
     """
-    import inspect
-
     state = require_checkpoint(logdir, stage, which, map_location=device)
     wanted = inspect.signature(cls).parameters
-    model = cls(**{k: v for k, v in state["config"].items() if k in wanted}).to(device)
-    model.load_state_dict(state["state_dict"])
+    try:
+        model = cls(**{k: v for k, v in dict(state["config"]).items() if k in wanted}).to(device)
+        model.load_state_dict(state["state_dict"])
+    except Exception as error:
+        path = stage_dir(logdir, stage) / which
+        fail(f"{path} does not hold a {cls.__name__} ({type(error).__name__}); rerun `{stage_command(stage, logdir)} --noreload`")
     return model.eval(), state
-
-
-def load_vae(logdir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """V from `L/vae/best.pt`."""
-    from models.vae import VAE
-
-    return load_model(VAE, logdir, "vae", device)[0]
-
-
-def load_mdrnn(logdir: str | os.PathLike, device: str | torch.device = "cpu", one_step: bool = True):
-    """M from `L/mdrnn/best.pt`: the one-step `MDRNNCell` (default) or the multi-step `MDRNN`."""
-    from models.mdrnn import MDRNN, MDRNNCell
-
-    return load_model(MDRNNCell if one_step else MDRNN, logdir, "mdrnn", device)[0]

@@ -1,43 +1,106 @@
-"""Command-line helpers every script shares: argparse value types and one-line warnings.
+"""Command-line helpers every script shares: argparse value types, the one-line exit, hints.
 
 A bad value is argparse's own error ("argument --rollouts: must be >= 1, got 0"), exit
-status 2, never a traceback from deep inside a stage.
+status 2, never a traceback from deep inside a stage. A stage that cannot go on stops with
+`fail(...)`: one line on stderr, exit status 1. `stage_command` spells the command that makes
+a stage's output, for every "run this first" hint.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
 import warnings
+from pathlib import Path
+from typing import NoReturn
+
+MAX_COUNT = 10**9  # a bound on counts and sizes: larger values are typos (and would overflow or hang)
+
+# The command that makes each stage's output, for "missing input" messages.
+STAGE_COMMANDS = {
+    "data": "python data/generation_script.py --rollouts 1000 --rootdir {dataset}",
+    "vae": "python trainvae.py --logdir {logdir}",
+    "mdrnn": "python trainmdrnn.py --logdir {logdir}",
+    "ctrl": "python traincontroller.py --logdir {logdir}",
+}
+
+
+def stage_command(stage: str, logdir: object = "L", dataset: object = "datasets/carracing") -> str:
+    """The command that (re)makes `stage`'s output, e.g. `python trainvae.py --logdir L`."""
+    return STAGE_COMMANDS.get(stage, "the previous stage").format(logdir=logdir, dataset=dataset)
+
+
+class StageInputError(SystemExit):
+    """A stage cannot start or go on: its message is one line for the user (exit status 1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the script with one line on stderr and exit status 1, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise StageInputError(message)
 
 
 def _number(kind: type, text: str) -> int | float:
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1 (counts, sizes)."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 (seeds, patiences where 0 disables)."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (high=None: no upper bound)."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = int_in(1, MAX_COUNT)  # counts and sizes
+non_negative_int = int_in(0, MAX_COUNT)  # patiences where 0 disables
+seed_int = int_in(0, 2**32 - 1)  # seeds (numpy's SeedSequence takes any, env seeds are < 2**32)
 
 
 def positive_float(text: str) -> float:
-    """A number > 0 (learning rates, step sizes, timeouts, temperatures)."""
+    """A finite number > 0 (learning rates, step sizes, timeouts, temperatures)."""
     value = _number(float, text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (loss weights, tolerances, clips where 0 disables)."""
+    value = _number(float, text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (targets)."""
+    return _number(float, text)
 
 
 def fraction(text: str) -> float:
@@ -46,6 +109,41 @@ def fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
+
+
+def device(text: str) -> str:
+    """auto, cpu, cuda or cuda:N, mps: a device torch knows (availability is checked when used)."""
+    import torch  # torch is heavy: only the scripts that take --device pay for it
+
+    if text == "auto":
+        return text
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N or mps)") from None
+    return text
+
+
+def writable_dir(text: str) -> str:
+    """A folder that exists or can be made, and is not a file."""
+    path = Path(text)
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if existing == path and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    if existing != path and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, so {text} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{existing} is not writable")
+    return text
+
+
+def writable_file(text: str) -> str:
+    """A file path whose folder exists or can be made and that is not a folder itself."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    writable_dir(str(path.parent))
+    return text
 
 
 def one_line_warnings() -> None:

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from utils.files import atomic_write  # noqa: E402
+
 
 class CSVLog:
     """Append-only CSV with a fixed header; resuming drops rows from epochs being redone.
@@ -24,7 +26,7 @@ class CSVLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.read() if keep_before is not None and self.path.exists() else []
         rows = [r for r in rows if keep_before is not None and int(float(r[step_field])) < keep_before]
-        with open(self.path, "w", newline="") as handle:
+        with atomic_write(self.path, "w") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
@@ -62,7 +64,6 @@ def plot_columns(csv_path: str | os.PathLike, png_path: str | os.PathLike, x: st
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(png_path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)

@@ -10,12 +10,27 @@ training stage lives here once:
 - `log.csv` with one row per epoch and `curves.png` redrawn from it;
 - a tqdm bar whose rate is in items (frames, sequences) per second;
 - a non-finite loss stops training with one line and leaves the last good checkpoints.
+
+Kill safety (each file is written atomically; the question is their order). Epoch e ends
+with: the epoch's pictures (`on_epoch_end`), then `last.pt` -- the commit point -- then
+`best.pt` if e improved, then e's row of `log.csv` and `curves.png`. `last.pt` holds all
+a resume needs to redo the other writes: the log rows of every committed epoch
+(`log_rows`) and `best_epoch`, and when e improved its payload *is* best.pt's. So a resume
+from `last.pt` at epoch k first rolls forward: it copies `last.pt` to `best.pt` if
+`best_epoch == k` and best.pt does not hold epoch k, and rewrites `log.csv` as exactly the
+committed rows (a row of the uncommitted epoch k+1 cannot exist; a lost or half row of k is
+restored). A kill before epoch k+1's commit loses that epoch, which the rerun redoes; a kill
+after it loses nothing. Either way best.pt, log.csv and the rerun's messages agree with last.pt.
+A run that starts without resuming deletes best.pt first: it must only hold this run's best.
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +40,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import BEST, LAST, check_config, fail, load_checkpoint, save_checkpoint
+from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
+from utils.cli import fail
+from utils.files import atomic_write
 from utils.logs import CSVLog, plot_columns
 
 
@@ -118,11 +135,50 @@ def _run_epoch(step: StepFn, data: Iterable, names: list[str], bar: tqdm | None)
     return {name: total / items for name, total in totals.items()} | {"items": items}
 
 
+def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A log row as CSVLog writes it (floats to 6 significant digits), kept in last.pt."""
+    return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _write_log(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """log.csv holding exactly `rows` (the committed epochs'), written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as handle:
+        handle.write(text.getvalue().encode())
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint holds, or None if it is missing or unreadable."""
+    try:
+        return int(load_checkpoint(path, map_location="cpu")["epoch"])
+    except Exception:
+        return None
+
+
+def _roll_forward(state: dict[str, Any], last_path: Path, best_path: Path) -> None:
+    """Redo the writes a kill may have cut short after last.pt (epoch k) was committed:
+    best.pt when epoch k was the best. (log.csv is rewritten from `log_rows` by `fit`.)"""
+    epoch = int(state["epoch"])
+    if state.get("best_epoch") == epoch and _saved_epoch(best_path) != epoch:
+        with atomic_write(best_path) as out, open(last_path, "rb") as source:
+            shutil.copyfileobj(source, out)  # same payload as the interrupted best.pt write
+        print(f"restored {best_path} from {last_path} (epoch {epoch}, the best; the previous run stopped before writing it)")
+
+
 def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]:
-    """Train for up to `epochs` epochs (counted across resumes); returns the final summary."""
+    """Train for up to `epochs` epochs (counted across resumes); returns the final summary.
+
+    Write order and resume protocol: see the module docstring."""
     last_path, best_path = run.stage_dir / LAST, run.stage_dir / BEST
     early = EarlyStopping(run.patience)
-    start_epoch, best_loss = 1, math.inf
+    start_epoch, best_loss, best_epoch = 1, math.inf, None
+    committed_rows: list[dict[str, Any]] | None = []  # None: a last.pt from before log_rows existed
+    names = ["loss"] + run.metrics
+    fields = ["epoch"] + [f"train_{n}" for n in names] + [f"test_{n}" for n in names] + ["lr", f"{run.unit}s_per_s", "epoch_time_s"]
+    log_path = run.stage_dir / "log.csv"
     if not noreload and last_path.exists():
         try:
             state = load_checkpoint(last_path, map_location="cpu")
@@ -135,17 +191,25 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
         early.load_state_dict(state["early_stopping"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_loss = int(state["epoch"]) + 1, float(state["best_loss"])
+        best_epoch = state["best_epoch"] if "best_epoch" in state else _saved_epoch(best_path)  # older last.pt
+        committed_rows = list(state["log_rows"]) if "log_rows" in state else None
+        _roll_forward(state, last_path, best_path)
         print(f"resuming {last_path} after epoch {state['epoch']} (best test loss {best_loss:.6g})")
-        if early.patience > 0 and early.bad_epochs >= early.patience:
-            print("early stopping had already triggered; nothing to do (use --noreload to start afresh)")
-            return {"epoch": start_epoch - 1, "best_loss": best_loss, "stopped_early": True}
-    elif noreload:
-        for stale in (last_path, best_path):  # best.pt must only hold this run's best
+    else:  # a fresh start, asked for or not: best.pt must only hold this run's best
+        for stale in (last_path, best_path):
             stale.unlink(missing_ok=True)
 
-    names = ["loss"] + run.metrics
-    fields = ["epoch"] + [f"train_{n}" for n in names] + [f"test_{n}" for n in names] + ["lr", f"{run.unit}s_per_s", "epoch_time_s"]
-    log = CSVLog(run.stage_dir / "log.csv", fields, keep_before=start_epoch)
+    log = CSVLog(log_path, fields, keep_before=start_epoch)  # rows of epochs being redone go
+    if committed_rows:  # exactly the committed epochs' rows, whatever a kill left in the file
+        _write_log(log_path, fields, committed_rows)
+        _plot(run, log_path)
+    if committed_rows is None:  # from now on the rows are kept in last.pt too
+        committed_rows = [{k: v for k, v in r.items() if k in fields} for r in log.read()]
+    rows = list(committed_rows)
+    if start_epoch > 1 and early.patience > 0 and early.bad_epochs >= early.patience:
+        print("early stopping had already triggered; nothing to do (use --noreload to start afresh)")
+        return {"epoch": start_epoch - 1, "best_loss": best_loss, "stopped_early": True}
+
     stopped_early, epoch = False, start_epoch - 1
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
@@ -162,7 +226,10 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
         run.scheduler.step(test["loss"])
         stop = early.step(test["loss"])
         improved = test["loss"] < best_loss
-        best_loss = min(best_loss, test["loss"])
+        if improved:
+            best_loss, best_epoch = test["loss"], epoch
+        row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], f"{run.unit}s_per_s": train["items"] / train_time}
+        row |= {f"train_{n}": train[n] for n in names} | {f"test_{n}": test[n] for n in names}
         payload = {
             "state_dict": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(),
@@ -170,23 +237,30 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
             "early_stopping": early.state_dict(),
             "epoch": epoch,
             "best_loss": best_loss,
+            "best_epoch": best_epoch,
             "test_loss": test["loss"],
             "config": run.config,
             "torch_rng": torch.get_rng_state(),
             **run.extra_state,
         }
-        save_checkpoint(last_path, payload)
+        if run.on_epoch_end is not None:  # pictures first: a committed epoch always has them
+            run.on_epoch_end(epoch, {"train": train, "test": test})
+        row["epoch_time_s"] = time.perf_counter() - t0
+        rows.append(_csv_row(row))
+        payload["log_rows"] = rows
+        save_checkpoint(last_path, payload)  # the commit point: epoch e is done from here on
         if improved:
             save_checkpoint(best_path, payload)
-        row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], f"{run.unit}s_per_s": train["items"] / train_time, "epoch_time_s": time.perf_counter() - t0}
-        row |= {f"train_{n}": train[n] for n in names} | {f"test_{n}": test[n] for n in names}
-        log.append(row)
-        plot_columns(log.path, run.stage_dir / "curves.png", "epoch", {"loss": ["train_loss", "test_loss"]} | {n: [f"train_{n}", f"test_{n}"] for n in run.metrics}, title=run.stage_dir.name)
+        log.append(rows[-1])
+        _plot(run, log_path)
         print(f"epoch {epoch}: train loss {train['loss']:.5g}, test loss {test['loss']:.5g}{' (best)' if improved else ''}, {row[f'{run.unit}s_per_s']:.0f} {run.unit}s/s")
-        if run.on_epoch_end is not None:
-            run.on_epoch_end(epoch, {"train": train, "test": test})
         if stop:
             stopped_early = True
             print(f"early stopping: no test-loss improvement in {early.patience} epochs")
             break
     return {"epoch": epoch, "best_loss": best_loss, "stopped_early": stopped_early}
+
+
+def _plot(run: TrainingRun, log_path: Path) -> None:
+    panels = {"loss": ["train_loss", "test_loss"]} | {n: [f"train_{n}", f"test_{n}"] for n in run.metrics}
+    plot_columns(log_path, run.stage_dir / "curves.png", "epoch", panels, title=run.stage_dir.name)

@@ -1,13 +1,13 @@
 """One page about a run folder: what each stage made, how long it took, how well C drives.
 
-    python -m utils.report --logdir L [--dataset datasets/carracing]
+    python -m reporting.report --logdir L [--dataset datasets/carracing]
 
 Writes `L/report/`: `report.md` and the pictures it shows, copied from the stages' folders
 so the folder can be shared on its own (`vae_recon.png`, `vae_samples.png`, `vae_curves.png`,
 `mdrnn_curves.png`, `mdrnn_prediction.png`, `ctrl_curves.png`, `episode.gif`), plus
 `test_returns.png`, a histogram drawn here from `L/ctrl/eval/returns.csv` (the numbers the
 score is computed from, so picture and text always agree). Stage wall times come from
-`L/report/timings.csv` (written by utils/timing.py, one row per run of a stage).
+`L/report/timings.csv` (written by reporting/timing.py, one row per run of a stage).
 
 It only reads: a stage that has not run, or a file that cannot be read, becomes a line in
 the report's "Missing" section instead of an error, so it can be run at any point of a run.
@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from utils.timing import read_timings
+from data.rollouts import NoRolloutsError, dataset_paths
+from reporting.timing import read_timings
+from utils.checkpoint import load_checkpoint
+from utils.files import atomic_write
+from utils.logs import plt  # matplotlib on the headless Agg backend
 
 STAGE_ORDER = ["data", "vae", "mdrnn", "ctrl", "test"]
 MAKE_TARGET = {"data": "make data", "vae": "make vae", "mdrnn": "make mdrnn", "ctrl": "make ctrl", "test": "make evaluate"}
@@ -54,7 +58,8 @@ class Report:
             target.unlink(missing_ok=True)
             self.lack(what, stage)
             return False
-        shutil.copyfile(source, target)
+        with open(source, "rb") as src, atomic_write(target) as dst:
+            shutil.copyfileobj(src, dst)
         self.add(f"![{caption}]({name})", "")
         return True
 
@@ -64,8 +69,6 @@ def load(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        from utils.checkpoint import load_checkpoint
-
         return load_checkpoint(path)
     except Exception:
         return None
@@ -104,8 +107,6 @@ def score_text(returns: np.ndarray) -> str:
 
 def histogram(returns: np.ndarray, path: Path) -> None:
     """Histogram of the test returns, with the mean marked."""
-    from utils.logs import plt  # matplotlib on the headless Agg backend
-
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(returns, bins=min(30, max(5, returns.size // 3)), color="tab:blue", edgecolor="white")
     ax.axvline(returns.mean(), color="k", linestyle="--", label=f"mean {returns.mean():.1f}")
@@ -113,7 +114,8 @@ def histogram(returns: np.ndarray, path: Path) -> None:
     ax.set(xlabel="episode return", ylabel="episodes", title=f"C on {returns.size} held-out tracks")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -171,8 +173,6 @@ def data_section(report: Report, dataset: Path | None) -> None:
         except (OSError, KeyError, ValueError):
             report.add("No --dataset given and no latent cache (mdrnn/latents.npz) to count from.", "")
         return
-    from data.loaders import NoRolloutsError, dataset_paths
-
     try:
         paths, lengths = dataset_paths(dataset)
     except NoRolloutsError:
@@ -244,7 +244,7 @@ def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = 
     report = Report(Path(logdir))
     report.out.mkdir(parents=True, exist_ok=True)
     report.add(f"# World Models run `{logdir}`", "",
-               f"Built {datetime.now().astimezone().isoformat(timespec='seconds')} by `python -m utils.report`.", "")
+               f"Built {datetime.now().astimezone().isoformat(timespec='seconds')} by `python -m reporting.report`.", "")
     score_section(report)
     timings_section(report)
     data_section(report, Path(dataset) if dataset is not None else None)
@@ -254,9 +254,8 @@ def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = 
     report.add("## Missing", "")
     report.add(*(f"- {item}" for item in report.missing) if report.missing else ["Nothing: every stage's outputs are here."])
     path = report.out / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(report.lines) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as handle:
+        handle.write("\n".join(report.lines) + "\n")
     return path
 
 

@@ -1,10 +1,10 @@
 """Run one pipeline stage and append its wall time to a CSV log.
 
-    python -m utils.timing --csv L/report/timings.csv --stage vae -- python trainvae.py --logdir L
+    python -m reporting.timing --csv L/report/timings.csv --stage vae -- python trainvae.py --logdir L
 
 Every run appends one row (stage, seconds, started, status, command), so the file is the
 history of the run folder: a stage that was interrupted and resumed has several rows, and
-their sum is what the stage cost in all (utils/report.py shows both the sum and the last
+their sum is what the stage cost in all (reporting/report.py shows both the sum and the last
 run). A failed or interrupted run still gets its row, with its exit status. A wrapper
 rather than shell `date` stamps so the Makefile keeps one line per stage and Ctrl-C still
 lets the stage save its checkpoint before the row is written.

@@ -1,6 +1,6 @@
-"""The Ray backend of the worker pool: the same `map` as utils.pool.WorkerPool, on a Ray cluster.
+"""The Ray backend of the worker pool: the same `map` as the local pool, on a Ray cluster.
 
-    from utils.pool import make_pool
+    from pool import make_pool
     with make_pool("ray", 64, init_worker, (logdir, True, config), ray_address="10.0.0.1:6379") as pool:
         returns = pool.map(episode_task, tasks)
 
@@ -9,15 +9,19 @@ once (load V and M, make an env: the initializers set module globals, and an act
 keeps them like a spawned local worker does), then `fn(*task)` calls, one at a time. Tasks
 are pure functions of their arguments, so results do not depend on the backend.
 
-Failures are handled as in utils.pool (this module imports `ray` at the top: import it only
-through utils.pool.make_pool, which says in one line how to install Ray when it is missing):
+Failures are handled as in pool/base.py, for both backends (this module imports `ray` at the
+top: import it only through pool.make_pool, which says in one line how to install Ray when it
+is missing):
 - a task that raises stops the map with WorkerError holding the worker's traceback (a bug is
   not retried);
 - an actor that dies (its process killed, its node lost) or runs one task past
   `task_timeout` (then `ray.kill`ed) is replaced by a new actor and its task rerun
-  elsewhere, up to `max_retries` times per task;
+  elsewhere, up to `max_retries` times per task; one lost while starting up is replaced too,
+  up to `max_retries + 1` times in a row;
 - an actor that cannot start (an initializer error, code missing on a node) or is not placed
   within `start_timeout` (no free CPU in the cluster) is a WorkerError: nothing waits forever.
+A task's clock starts once its actor has imported the task's function (a `prepare` call
+queued just before the task, the first time an actor meets a function), as in the local pool.
 
 Where Ray runs:
 - no address (neither `ray_address` nor RAY_ADDRESS): a private local Ray for this process,
@@ -38,18 +42,18 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from utils.pool import WorkerError
+from pool.base import BasePool, Event, Slot, WorkerError
+from utils.cli import fail
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout; actors import the project from here
-_POLL_S = 0.5  # longest wait for results before checking timeouts again
 # Ray rewrites a loopback address (127.0.0.1, localhost) to this machine's routable IP, and then
 # binds its servers to all interfaces. With this variable at 0, Ray's single-machine mode, it
 # keeps 127.0.0.1 and binds to it alone. Only set for a private local Ray, or to join a cluster
@@ -100,8 +104,6 @@ def check_address(address: str | None) -> None:
     Ray itself retries an unreachable address for minutes without saying why; a plain TCP
     connection to the head's port answers at once.
     """
-    from utils.checkpoint import fail
-
     address = resolve_address(address)
     target = _host_port(address) if address else None
     if target is None:
@@ -127,8 +129,6 @@ def connect(address: str | None, cpus: int) -> bool:
     this terminal (prefixed by Ray) as a local worker's would. Ray's SIGTERM handler (exit at
     once) is undone, so a script's own clean shutdown on `kill` still runs.
     """
-    from utils.checkpoint import fail
-
     if ray.is_initialized():
         return False
     address = resolve_address(address)
@@ -267,6 +267,13 @@ class _Worker:
         """(pid, host, initializer traceback or None): the actor has started."""
         return os.getpid(), socket.gethostname(), self.error
 
+    def prepare(self, fn: Callable | _ByName) -> None:
+        """Import `fn`'s module (receiving `fn` does, or resolving it); an error is left for `run` to report."""
+        try:
+            _resolve(fn)
+        except BaseException:
+            pass
+
     def run(self, fn: Callable | _ByName, args: tuple) -> tuple[str, Any]:
         args = _writable(args)
         try:
@@ -279,23 +286,25 @@ _RemoteWorker = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_Work
 
 
 @dataclass(eq=False)  # slots are compared by identity
-class _Slot:
-    actor: Any
-    ready_ref: Any  # ObjectRef of ready() until the actor has started, then None
-    created: float
+class _Actor(Slot):
+    actor: Any = None
+    ready_ref: Any = None  # ObjectRef of ready() until the actor has started, then None
+    created: float = 0.0
     pid: int | None = None
     host: str | None = None
+    prepare_ref: Any = None  # ObjectRef of prepare() queued before the task in flight
     ref: Any = None  # ObjectRef of the task in flight
-    task_id: int | None = None
-    started: float = 0.0
+    prepared: set = field(default_factory=set)  # functions this actor has imported
 
 
-class RayPool:
-    """`workers` Ray actors running `fn(*args)` tasks; the interface of utils.pool.WorkerPool.
+class RayPool(BasePool):
+    """`workers` Ray actors running `fn(*args)` tasks; the interface of pool.local.WorkerPool.
 
     Use as a context manager; `map` may be called many times (one CMA-ES generation each) and
     reuses the same initialised actors. See the module docstring for failures and addresses.
     """
+
+    startup_hint = f" (is this checkout at {ROOT} on every node, with the same packages?)"
 
     def __init__(
         self,
@@ -308,34 +317,22 @@ class RayPool:
         address: str | None = None,
         start_timeout: float = 300.0,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.task_timeout = task_timeout
-        self.max_retries = max_retries
+        self.address = address
         self.start_timeout = start_timeout
-        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-        self.restarts = 0  # actors replaced after a death or a timeout, over the pool's life
-        self._slots: list[_Slot] = []
         self._owns_ray = False
-        try:
-            self._owns_ray = connect(address, workers)
-            self._start_all(workers, initializer, initargs)
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(workers, initializer, initargs, task_timeout, max_retries, log)
 
     # -- lifecycle -----------------------------------------------------------------------
-    def _start_all(self, workers: int, initializer: Callable | None, initargs: tuple) -> None:
-        """Start the actors, as many as the cluster can ever place, with what they need to import."""
+    def _open(self) -> None:
+        """Join or start Ray; use as many actors as the cluster can ever place, with what they need to import."""
+        self._owns_ray = connect(self.address, self.n_workers)
         # An actor holds a CPU: actors beyond the cluster's CPUs would wait forever. Ones that
         # wait for CPUs other jobs hold are bounded by start_timeout instead.
         total = int(ray.cluster_resources().get("CPU", 0))
-        if total < workers:
-            self.log(f"warning: the Ray cluster has {total} CPU(s); using {max(total, 1)} worker(s) instead of {workers}")
-            workers = max(total, 1)
-        self.n_workers = workers
-        self._initializer = _portable(initializer)
-        self._initargs = tuple(initargs)
+        if total < self.n_workers:
+            self.log(f"warning: the Ray cluster has {total} CPU(s); using {max(total, 1)} worker(s) instead of {self.n_workers}")
+            self.n_workers = max(total, 1)
+        self._initializer = _portable(self.initializer)
         # Actors import the project from this checkout, and (through sys.path entries inside it,
         # e.g. tests/, or a script's own folder) whatever module defines the task functions.
         prefix = Path(sys.prefix).resolve()  # a .venv inside the checkout is not project code
@@ -347,29 +344,22 @@ class RayPool:
         if os.environ.get("PYTHONPATH"):
             paths.append(os.environ["PYTHONPATH"])
         self._runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
-        self._slots = [self._start() for _ in range(workers)]
 
-    def _start(self) -> _Slot:
-        actor = _RemoteWorker.options(runtime_env=self._runtime_env).remote(self._initializer, self._initargs, os.getcwd())
-        return _Slot(actor, actor.ready.remote(), time.monotonic())
+    def _start(self) -> _Actor:
+        actor = _RemoteWorker.options(runtime_env=self._runtime_env).remote(self._initializer, self.initargs, os.getcwd())
+        return _Actor(actor=actor, ready_ref=actor.ready.remote(), created=time.monotonic())
 
-    def close(self) -> None:
-        """Stop every actor now, and the local Ray if this pool started it (idempotent)."""
-        for slot in self._slots:
-            try:
-                ray.kill(slot.actor)
-            except Exception:  # already dead, or Ray already gone
-                pass
-        self._slots = []
+    def _stop(self, slot: _Actor) -> None:
+        try:
+            ray.kill(slot.actor)  # a hung actor stops here; a dead one is unaffected
+        except Exception:  # already dead, or Ray already gone
+            pass
+
+    def _shutdown(self) -> None:
+        """Stop the local Ray if this pool started it."""
         if self._owns_ray:
             self._owns_ray = False
             ray.shutdown()
-
-    def __enter__(self) -> "RayPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @property
     def pids(self) -> list[int | None]:
@@ -377,93 +367,65 @@ class RayPool:
         return [slot.pid for slot in self._slots]
 
     # -- running tasks -------------------------------------------------------------------
-    def map(self, fn: Callable, tasks: Iterable[tuple], on_result: Callable[[int, Any], None] | None = None) -> list:
-        """Run `fn(*task)` for every task on the actors; results in task order.
+    def _portable(self, fn: Callable) -> Callable | _ByName:
+        return _portable(fn)
 
-        `on_result(index, result)` is called here as each task finishes. `fn` must be a
-        module-level function of this checkout (the actors import it by name).
-        """
-        if not self._slots:
-            raise RuntimeError("the pool is closed")
-        tasks = list(tasks)
-        portable = _portable(fn)
-        pending = list(range(len(tasks)))[::-1]  # a stack, next task at the end
-        results: dict[int, Any] = {}
-        retries: dict[int, int] = {}
-        try:
-            while len(results) < len(tasks):
-                self._dispatch(portable, tasks, pending)
-                self._collect(tasks, pending, results, retries, on_result)
-        except BaseException:
-            # Ctrl-C or a task error: nothing may keep running behind the caller's back.
-            self.close()
-            raise
-        return [results[i] for i in range(len(tasks))]
+    def _send(self, slot: _Actor, fn: Callable | _ByName, args: tuple) -> bool:
+        first_time = fn not in slot.prepared
+        if first_time:  # the actor imports fn first; the clock starts when that is done
+            slot.prepared.add(fn)
+            slot.prepare_ref = slot.actor.prepare.remote(fn)
+        slot.ref = slot.actor.run.remote(fn, args)
+        return not first_time
 
-    def _dispatch(self, fn: Callable | _ByName, tasks: Sequence[tuple], pending: list[int]) -> None:
-        for slot in self._slots:
-            if slot.ready_ref is None and slot.task_id is None and pending:
-                slot.task_id = pending.pop()
-                slot.ref = slot.actor.run.remote(fn, tuple(tasks[slot.task_id]))
-                slot.started = time.monotonic()
-
-    def _collect(self, tasks: Sequence[tuple], pending: list[int], results: dict[int, Any],
-                 retries: dict[int, int], on_result) -> None:
-        waiting = {slot.ready_ref: slot for slot in self._slots if slot.ready_ref is not None}
-        waiting |= {slot.ref: slot for slot in self._slots if slot.ref is not None}
-        done = ray.wait(list(waiting), num_returns=1, timeout=_POLL_S)[0] if waiting else []
+    def _poll(self, timeout: float) -> list[Event]:
+        # Every call in flight: (order, slot, what its result means); a slot's start comes before its task.
+        waiting = {slot.ready_ref: (0, slot, self._started) for slot in self._slots if slot.ready_ref is not None}
+        waiting |= {slot.prepare_ref: (1, slot, self._prepared) for slot in self._slots if slot.prepare_ref is not None}
+        waiting |= {slot.ref: (2, slot, self._finished) for slot in self._slots if slot.ref is not None}
+        done = ray.wait(list(waiting), num_returns=1, timeout=timeout)[0] if waiting else []
         if done:  # take everything that has finished meanwhile, not one per poll
             done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-        for ref in done:
-            slot = waiting[ref]
-            if ref is slot.ready_ref:
-                self._started(slot)
-                continue
-            task_id = slot.task_id
-            try:
-                kind, payload = ray.get(ref)
-            except RayTaskError as error:  # run() returns errors: this is e.g. an unpicklable result
-                raise WorkerError(f"task {task_id} {tasks[task_id]!r} failed in a worker:\n{error}") from None
-            except RayError as error:  # the actor or its node is gone: rerun the task elsewhere
-                self._replace(slot, pending, retries, tasks, f"was lost ({type(error).__name__})")
-                continue
-            slot.ref, slot.task_id = None, None
-            if kind != "ok":
-                raise WorkerError(f"task {task_id} {tasks[task_id]!r} failed in a worker:\n{payload}")
-            results[task_id] = payload
-            if on_result is not None:
-                on_result(task_id, payload)
+        events: list[Event] = []
+        for _, slot, meaning in sorted((waiting[ref] for ref in done), key=lambda entry: entry[0]):
+            events.append((slot, *meaning(slot)))
         now = time.monotonic()
-        for slot in list(self._slots):
-            if slot.task_id is not None and self.task_timeout is not None and now - slot.started > self.task_timeout:
-                self._replace(slot, pending, retries, tasks, f"ran over {self.task_timeout:.0f}s")
-            elif slot.ready_ref is not None and now - slot.created > self.start_timeout:
+        for slot in self._slots:
+            if slot.ready_ref is not None and now - slot.created > self.start_timeout:
                 raise WorkerError(f"a Ray worker did not start within {self.start_timeout:.0f}s "
                                   f"(no free CPU in the cluster? see `ray status`)")
+        return events
 
-    def _started(self, slot: _Slot) -> None:
+    def _started(self, slot: _Actor) -> tuple[str, Any]:
+        """The event for a finished ready() call."""
+        ref, slot.ready_ref = slot.ready_ref, None
         try:
-            slot.pid, slot.host, error = ray.get(slot.ready_ref)
+            slot.pid, slot.host, init_error = ray.get(ref)
         except RayError as error:
-            raise WorkerError(f"a Ray worker failed to start (is this checkout at {ROOT} on every node, "
-                              f"with the same packages?):\n{error}") from None
-        if error is not None:
-            raise WorkerError(f"a worker failed to start:\n{error}")
-        slot.ready_ref = None
+            if isinstance(error, RayActorError) and not error.actor_init_failed:  # killed, node lost
+                return "died", f"was lost ({type(error).__name__})"
+            # __init__'s arguments or the class could not be loaded there, or its runtime env failed
+            raise WorkerError(f"a Ray worker failed to start{self.startup_hint}:\n{error}") from None
+        return ("init_error", init_error) if init_error is not None else ("ready", None)
 
-    def _replace(self, slot: _Slot, pending: list[int], retries: dict[int, int], tasks: Sequence[tuple], reason: str) -> None:
+    def _prepared(self, slot: _Actor) -> tuple[str, Any]:
+        """The event for a finished prepare() call: the task is running (errors come with its result)."""
         try:
-            ray.kill(slot.actor)  # a hung actor stops here; a dead one is unaffected
-        except Exception:
+            ray.get(slot.prepare_ref)
+        except RayError:
             pass
-        self.restarts += 1
-        self._slots[self._slots.index(slot)] = self._start()
-        task_id = slot.task_id
-        if task_id is None:
-            return
-        retries[task_id] = retries.get(task_id, 0) + 1
-        if retries[task_id] > self.max_retries:
-            raise WorkerError(f"task {task_id} {tasks[task_id]!r}: its worker {reason}, {self.max_retries + 1} times; giving up")
-        pending.append(task_id)
-        self.log(f"warning: Ray worker pid {slot.pid} on {slot.host} {reason} on task {task_id}; "
-                 f"replacing it and rerunning the task")
+        slot.prepare_ref = None
+        return "started", None
+
+    def _finished(self, slot: _Actor) -> tuple[str, Any]:
+        """The event for a finished run() call."""
+        ref, slot.ref = slot.ref, None
+        try:
+            return ray.get(ref)
+        except RayTaskError as error:  # run() returns errors: this is e.g. an unpicklable result
+            return "error", str(error)
+        except RayError as error:  # the actor or its node is gone: rerun the task elsewhere
+            return "died", f"was lost ({type(error).__name__})"
+
+    def _name(self, slot: _Actor) -> str:
+        return f"Ray worker pid {slot.pid} on {slot.host}" if slot.pid is not None else "Ray worker (not started yet)"

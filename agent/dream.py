@@ -1,0 +1,180 @@
+"""The dream from a logdir: M's CarRacing as a keyboard demo, and a whole CMA-ES population
+scored in it at once.
+
+`dream_returns(...)` steps P controllers x N episodes together as tensors: one batched
+controller matmul and one LSTM step for all of them per time step, no per-env Python loop.
+It draws every random number from the episode seeds exactly as `SimulatedCarRacing` does, so
+a batch and the single env give the same returns (tested), and all the candidates of a
+generation dream the same worlds (common random numbers).
+
+    python -m agent.dream --logdir L --display     # drive the dream with the arrow keys
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from agent.display import display_problem
+from agent.world import load_dream_starts, load_mdrnn, load_vae
+from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, episode_noise
+from models.controller import batched_actions
+from models.mdrnn import MDRNNCell
+from utils.cli import positive_float, positive_int
+
+
+def make_dream_env(logdir: str | Path, temperature: float = 1.0, render_mode: str | None = None,
+                   max_steps: int = DEFAULT_MAX_STEPS) -> SimulatedCarRacing:
+    """`SimulatedCarRacing` with M, the start latents and (for rendering) V from `logdir`."""
+    vae = load_vae(logdir) if render_mode is not None else None
+    return SimulatedCarRacing(load_mdrnn(logdir), load_dream_starts(logdir), vae, temperature, render_mode, max_steps)
+
+
+def _batched_noise(seeds: Sequence[int], starts: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack `episode_noise` for several seeds: z0 (N, L), uniform (T, N, L), normal (T, N, L)."""
+    latent_size = starts.shape[-1]
+    z0, uniforms, normals = [], [], []
+    for seed in seeds:
+        start, eps0, uniform, normal = episode_noise(seed, len(starts), steps, latent_size)
+        mu, logsigma = starts[start]
+        z0.append(mu + logsigma.exp() * eps0)
+        uniforms.append(uniform)
+        normals.append(normal)
+    return torch.stack(z0), torch.stack(uniforms, dim=1), torch.stack(normals, dim=1)
+
+
+class _BatchedDreamStep:
+    """M's one step plus the mixture draw for a large batch, as a few big matmuls.
+
+    The same math as `MDRNNCell.forward` followed by `sample_gmm(..., noise=...)` (a test
+    checks the batch against the single env, which uses those), laid out for speed: the LSTM
+    input weights are split by input so no [z, a] copy is made, the LSTM runs as three
+    in-place matmuls plus gate activations, the mixture weights are never normalised (the
+    component is drawn from the unnormalised CDF: softmax(log_softmax(x) / tau) is
+    softmax(x / tau)), and the per-episode noise broadcasts over the population instead of
+    being copied.
+    """
+
+    def __init__(self, mdrnn: MDRNNCell, temperature: float) -> None:
+        lstm, latent = mdrnn.lstm, mdrnn.latent_size
+        self.latent, self.gaussians, self.temperature = latent, mdrnn.gaussians, temperature
+        self.w_z = lstm.weight_ih_l0[:, :latent].t().contiguous()  # (L, 4H)
+        self.w_a = lstm.weight_ih_l0[:, latent:].t().contiguous()  # (A, 4H)
+        self.w_h = lstm.weight_hh_l0.t().contiguous()  # (H, 4H)
+        self.b = lstm.bias_ih_l0 + lstm.bias_hh_l0  # (4H,)
+        self.head_w, self.head_b = mdrnn.head.weight.t().contiguous(), mdrnn.head.bias  # (H, 3LK+2)
+
+    def __call__(self, z, a, h, c, uniform, normal, n_pop):
+        """z (B, L), a (B, A), h, c (B, H) with B = P*N candidate-major; uniform, normal (N, L).
+        Returns next z (B, L), h, c, reward (B,), done_logit (B,)."""
+        gates = torch.addmm(self.b, z, self.w_z).addmm_(a, self.w_a).addmm_(h, self.w_h)  # (B, 4H)
+        i, f, g, o = gates.chunk(4, dim=1)  # torch's LSTM gate order
+        c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
+        h = torch.sigmoid(o).mul_(torch.tanh(c))
+        out = torch.addmm(self.head_b, h, self.head_w)  # (B, 3LK + 2)
+        n = self.latent * self.gaussians
+        shape = (n_pop, -1, self.latent, self.gaussians)  # (P, N, L, K) views, no copies
+        mu, logsigma, logits = (out[:, k * n : (k + 1) * n].reshape(shape) for k in range(3))
+        weights = logits.sub(logits.amax(dim=-1, keepdim=True)).div_(self.temperature).exp_()
+        cdf = weights.cumsum(dim=-1)
+        k = (cdf < uniform.unsqueeze(-1) * cdf[..., -1:]).sum(dim=-1, keepdim=True).clamp_(max=self.gaussians - 1)
+        sigma = logsigma.gather(-1, k).squeeze(-1).exp_().mul_(math.sqrt(self.temperature))
+        z_next = sigma.mul_(normal).add_(mu.gather(-1, k).squeeze(-1))  # (P, N, L)
+        return z_next.view(-1, self.latent), h, c, out[:, -2], out[:, -1]
+
+
+@torch.inference_mode()
+def dream_returns(
+    mdrnn: MDRNNCell,
+    flat_params: torch.Tensor,
+    seeds: Sequence[int],
+    starts: torch.Tensor,
+    temperature: float = 1.0,
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(returns, steps), each (P, N): P controllers (flat_params (P, n)) each dreaming the N
+    episodes `seeds`.
+
+    All P*N episodes advance together: one batched controller matmul and one LSTM step per
+    time step. An episode stops accumulating reward once M says it is done; the loop ends
+    when every episode is done or after `max_steps`.
+    """
+    device = next(mdrnn.parameters()).device
+    n_pop, n_eps = flat_params.shape[0], len(seeds)
+    latent, hidden = mdrnn.latent_size, mdrnn.hidden_size
+    z0, uniform, normal = (x.to(device) for x in _batched_noise(seeds, starts, max_steps))
+    params = flat_params.to(device=device, dtype=torch.float32)
+    step = _BatchedDreamStep(mdrnn, temperature)
+    z = z0.expand(n_pop, n_eps, latent).reshape(-1, latent)  # (P*N, L): same starts for every candidate
+    h, c = mdrnn.initial_state(n_pop * n_eps, device)
+    total = torch.zeros(n_pop * n_eps, device=device)
+    alive = torch.ones(n_pop * n_eps, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_pop * n_eps, dtype=torch.long, device=device)
+    for t in range(max_steps):
+        actions = batched_actions(params, z.view(n_pop, n_eps, latent), h.view(n_pop, n_eps, hidden), latent, hidden, mdrnn.action_size)
+        z, h, c, reward, done_logit = step(z, actions.view(-1, mdrnn.action_size), h, c, uniform[t], normal[t], n_pop)
+        total += torch.where(alive, reward, 0.0)
+        steps += alive
+        alive &= done_logit <= 0.0  # sigmoid(logit) <= DONE_THRESHOLD = 0.5
+        if t % 16 == 15 and not alive.any():  # checking forces a sync; every few steps is enough
+            break
+    return total.view(n_pop, n_eps).cpu(), steps.view(n_pop, n_eps).cpu()
+
+
+class DreamEvaluator:
+    """Scores CMA-ES candidates in the dream, with the real-env evaluator's contract.
+
+    `evaluate(candidates, seeds)` -> (fitness (P,), returns (P, S), steps (P, S)) as numpy, like
+    `agent.population.evaluate_candidates`, so traincontroller.py swaps one for the other.
+    """
+
+    def __init__(self, logdir: str | Path, temperature: float = 1.0, max_steps: int = DEFAULT_MAX_STEPS, device: str = "cpu") -> None:
+        self.mdrnn = load_mdrnn(logdir, device)
+        self.starts = load_dream_starts(logdir)
+        self.temperature, self.max_steps = temperature, max_steps
+
+    def evaluate(self, candidates: Sequence[np.ndarray], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        params = torch.from_numpy(np.stack(candidates).astype(np.float32))  # (P, n_params)
+        returns, steps = dream_returns(self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps)
+        returns, steps = returns.double().numpy(), steps.numpy()
+        return returns.mean(axis=1), returns, steps
+
+
+def play(logdir: str, temperature: float, episodes: int) -> None:
+    """Drive the dream with the arrow keys (left/right steer, up gas, down brake)."""
+    problem = display_problem()
+    if problem is not None:
+        print(f"cannot show the dream: {problem}")
+        return
+    import pygame
+
+    env = make_dream_env(logdir, temperature, render_mode="human")
+    clock = pygame.time.Clock()
+    for episode in range(episodes):
+        env.reset(seed=episode)
+        total, done = 0.0, False
+        while not done:
+            keys = pygame.key.get_pressed()
+            action = np.array([keys[pygame.K_RIGHT] - keys[pygame.K_LEFT], keys[pygame.K_UP], 0.8 * keys[pygame.K_DOWN]], np.float32)
+            _, reward, terminated, truncated, _ = env.step(action)
+            total += reward
+            done = terminated or truncated or any(e.type == pygame.QUIT for e in pygame.event.get())
+            clock.tick(50)
+        print(f"dream episode {episode}: return {total:.1f}")
+    env.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Drive CarRacing as dreamed by M, with the arrow keys.")
+    parser.add_argument("--logdir", required=True, help="logdir holding vae/, mdrnn/ and the latent cache")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="dream temperature tau (default 1.0)")
+    parser.add_argument("--episodes", type=positive_int, default=3, help="episodes to play (default 3)")
+    parser.add_argument("--display", action="store_true", help="open the window (required: this is a keyboard demo)")
+    args = parser.parse_args()
+    if not args.display:
+        parser.error("this demo needs --display")
+    play(args.logdir, args.temperature, args.episodes)

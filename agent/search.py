@@ -1,0 +1,105 @@
+"""The CMA-ES search over C's flat parameters, as one small object that saves and loads itself.
+
+`Search` holds the `cma` strategy, the generation count and the best evaluation so far.
+Its checkpoint is numbers only: the search settings and every generation's fitness values.
+cma's own state (mean, step size, covariance, evolution paths, its private RNG) is rebuilt
+on load by replaying those generations: a fresh strategy with the same settings asks the same
+candidates and is told the same fitness, so it reaches bit for bit the state an uninterrupted
+run has, and nothing read from a logdir is ever unpickled or executed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cma
+import numpy as np
+import torch
+
+from models.controller import Controller
+from utils.params import get_flat_params, set_flat_params
+
+
+def _new_strategy(config: dict[str, int], pop_size: int, sigma0: float, seed: int) -> cma.CMAEvolutionStrategy:
+    """A fresh CMA-ES around a default-initialised C (seeded), silent and file-less.
+
+    cma draws its samples from options["randn"]; by default that is numpy's *global* RNG. A
+    private RandomState makes the search a function of the seed alone.
+    """
+    torch.manual_seed(seed)
+    x0 = get_flat_params(Controller(**config))
+    rng = np.random.RandomState(np.random.SeedSequence([seed, 0xC3A]).generate_state(1)[0])
+    options = {
+        "popsize": pop_size,
+        "randn": rng.randn,
+        "seed": np.nan,  # do not (re)seed numpy's global RNG; ours is private
+        # Early generations may score all alike (no candidate moves the car yet): by default one
+        # such generation ends the search (tolfun). Stop only after 10 flat ones (tolfunhist).
+        "tolfun": 0.0, "tolflatfitness": 10,
+        "verbose": -9, "verb_disp": 0, "verb_log": 0,  # no console spam, no outcmaes/ files
+    }
+    return cma.CMAEvolutionStrategy(x0, sigma0, options)
+
+
+class Search:
+    """CMA-ES (maximising fitness) plus the run's bookkeeping: generation, best evaluation."""
+
+    def __init__(self, config: dict[str, int], pop_size: int, sigma0: float, seed: int) -> None:
+        self.config = dict(config)
+        self.settings = dict(pop_size=int(pop_size), sigma0=float(sigma0), seed=int(seed))
+        self.es = _new_strategy(self.config, pop_size, sigma0, seed)
+        self.generation = 0
+        self.fitness_history: list[np.ndarray] = []  # one (P,) array per generation told
+        self.best_eval, self.best_generation = -math.inf, 0
+
+    def ask(self) -> list[np.ndarray]:
+        """The next generation's candidates: pop_size flat parameter vectors."""
+        return self.es.ask()
+
+    def tell(self, candidates: list[np.ndarray], fitness: np.ndarray) -> None:
+        """Update the strategy with the candidates' fitness (higher is better)."""
+        fitness = np.asarray(fitness, dtype=np.float64)
+        self.es.tell(candidates, (-fitness).tolist())  # cma minimises
+        self.fitness_history.append(fitness)
+        self.generation += 1
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(n_params,) the search's current estimate of the best C."""
+        return np.array(self.es.mean, dtype=np.float64)
+
+    @property
+    def sigma(self) -> float:
+        return float(self.es.sigma)
+
+    def controller(self, params: np.ndarray | None = None) -> Controller:
+        """C with `params` (default: the CMA-ES mean)."""
+        return set_flat_params(Controller(**self.config), self.mean if params is None else params)
+
+    def record_eval(self, mean_return: float) -> bool:
+        """Note an evaluation of the mean after this generation; True if it is the best so far."""
+        if mean_return > self.best_eval:
+            self.best_eval, self.best_generation = float(mean_return), self.generation
+            return True
+        return False
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint: numbers and tensors only (torch.load(weights_only=True) loads it)."""
+        fitness = torch.from_numpy(np.stack(self.fitness_history)) if self.fitness_history else torch.zeros(0, self.settings["pop_size"], dtype=torch.float64)
+        return {"search": self.settings, "config": self.config, "generation": self.generation, "fitness": fitness,
+                "sigma": self.sigma, "best_eval_return": self.best_eval, "best_generation": self.best_generation,
+                "state_dict": self.controller().state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Search":
+        """Rebuild a saved search by replaying its generations (raises ValueError/KeyError if malformed)."""
+        settings, fitness = dict(state["search"]), state["fitness"]
+        search = cls(dict(state["config"]), settings["pop_size"], settings["sigma0"], settings["seed"])
+        if not isinstance(fitness, torch.Tensor) or fitness.dim() != 2 or fitness.shape[1] != search.es.popsize:
+            raise ValueError(f"fitness history of shape {tuple(getattr(fitness, 'shape', ()))}, expected (generations, {search.es.popsize})")
+        if fitness.shape[0] != int(state["generation"]):
+            raise ValueError(f"{fitness.shape[0]} generations of fitness for generation {state['generation']}")
+        for row in fitness.double().numpy():
+            search.tell(search.ask(), row)
+        search.best_eval, search.best_generation = float(state["best_eval_return"]), int(state["best_generation"])
+        return search
