@@ -30,12 +30,16 @@ SEQ_LEN ?= 32
 CTRL_MODE ?= real
 # M's sampling temperature in dream mode
 TEMPERATURE ?= 1.15
-# CMA-ES population                           ctrl:  16 x 2 x 1000 steps at ~300 steps/s, ~110 s/generation
+# C acts every this many env frames (real mode); the frames between are not drawn (1 is the paper)
+ACTION_REPEAT ?= 4
+# a training episode ends after this many frames without a new tile (-0.1 per frame left); 0: never
+STALL_FRAMES ?= 100
+# CMA-ES population (not yet re-measured end to end with ACTION_REPEAT=4: see README, Results)
 POP_SIZE ?= 16
 # episodes (tracks) per candidate; fitness is their mean
-N_SAMPLES ?= 2
-# CMA-ES generations, counted across resumes  ctrl:  10 x 107 s + 2 evaluations x 27 s, ~19 min
-GENERATIONS ?= 10
+N_SAMPLES ?= 4
+# CMA-ES generations, counted across resumes
+GENERATIONS ?= 60
 # evaluate the CMA-ES mean every this many generations (the best evaluation becomes ctrl/best.pt)
 EVAL_EVERY ?= 5
 # fresh tracks per evaluation
@@ -51,7 +55,7 @@ NORELOAD ?=
 SMOKE_DIR ?= runs/smoke
 SMOKE_PROFILE = LOGDIR=$(SMOKE_DIR)/logdir DATASET=$(SMOKE_DIR)/dataset NORELOAD=--noreload \
 	ROLLOUTS=4 ROLLOUT_STEPS=60 VAE_EPOCHS=1 MDRNN_EPOCHS=1 SEQ_LEN=16 \
-	POP_SIZE=4 N_SAMPLES=1 GENERATIONS=2 EVAL_EVERY=1 EVAL_EPISODES=2 EPISODE_STEPS=50 TEST_EPISODES=3
+	POP_SIZE=4 N_SAMPLES=1 GENERATIONS=2 EVAL_EVERY=1 EVAL_EPISODES=2 EPISODE_STEPS=52 TEST_EPISODES=3
 
 # ---- interpreter ----
 PYTHON ?= python3
@@ -63,7 +67,7 @@ VENV_DEP := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 ifeq ($(filter $(CTRL_MODE),real dream),)
 $(error CTRL_MODE must be real or dream, not '$(CTRL_MODE)')
 endif
-CTRL_FLAGS := $(if $(filter dream,$(CTRL_MODE)),--dream --temperature $(TEMPERATURE))
+CTRL_FLAGS := $(if $(filter dream,$(CTRL_MODE)),--dream --temperature $(TEMPERATURE) --action-repeat 1,--action-repeat $(ACTION_REPEAT) --stall-frames $(STALL_FRAMES))
 # each stage runs through reporting/timing.py: one row per run (stage, seconds, started, status, command)
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
 TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage

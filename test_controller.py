@@ -32,7 +32,7 @@ from utils.files import atomic_write
 from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
 from utils.params import get_flat_params
 
-GIF_FPS, GIF_SCALE = 25, 0.5  # every 2nd frame of the 50 fps env, at half of its 600x400 size
+ENV_FPS, GIF_FPS, GIF_SCALE = 50, 25, 0.5  # at most 25 fps of the 50 fps env, at half of its 600x400 size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_gif(frames: list, path: Path, fps: int) -> None:
+def write_gif(frames: list, path: Path, fps: float) -> None:
     """PIL images -> looping animated GIF, written under a temporary name then renamed."""
     with atomic_write(path) as handle:
         frames[0].save(handle, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
@@ -63,14 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     fast = not args.slow_env
     vae, mdrnn, config = load_world(args.logdir)
     controller, state = load_best_controller(args.logdir, config)
+    k = int(state.get("action_repeat", 1))  # C acts every k frames, as it was trained
     seeds = holdout_seeds(args.seed, args.episodes)
-    print(f"C from generation {state.get('generation')} (eval return {state.get('eval_return', float('nan')):.1f} in training) "
-          f"on {len(seeds)} held-out tracks")
+    print(f"C from generation {state.get('generation')} (eval return {state.get('eval_return', float('nan')):.1f} in training), "
+          f"acting every {k} frame(s), on {len(seeds)} held-out tracks of {args.max_steps} frames")
 
     # -- watched episodes, in this process ---------------------------------------------------------
     results: list[tuple[float, int]] = []
     if args.display:
-        env, problem = open_window_env(fast, seeds[0])
+        env, problem = open_window_env(fast, seeds[0], k)
         if env is None:
             print(f"display: {problem}; running headless", flush=True)
         else:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if remaining:
         workers = min(args.workers, len(remaining))
         try:
-            with make_pool(args.backend, workers, init_worker, (args.logdir, fast, config), task_timeout=args.task_timeout,
+            with make_pool(args.backend, workers, init_worker, (args.logdir, fast, config, k), task_timeout=args.task_timeout,
                            log=lambda text: tqdm.write(text, file=sys.stderr), ray_address=args.ray_address) as pool, \
                     tqdm(total=len(remaining), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar:
                 _, returns, steps = evaluate_candidates(pool, [get_flat_params(controller)], remaining, args.max_steps,
@@ -105,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     # -- report -------------------------------------------------------------------------------------
     returns = np.array([r for r, _ in results])  # (episodes,)
     eval_dir = Path(args.logdir) / "ctrl" / "eval"
-    log = CSVLog(eval_dir / "returns.csv", ["episode", "seed", "return", "steps"], step_field="episode")
+    log = CSVLog(eval_dir / "returns.csv", ["episode", "seed", "return", "frames"], step_field="episode")
     for index, (seed, (ret, n)) in enumerate(zip(seeds, results)):
-        log.append(dict(episode=index, seed=seed, **{"return": float(ret)}, steps=n))
+        log.append(dict(episode=index, seed=seed, **{"return": float(ret)}, frames=n))
     summary = f"{returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})"
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(returns, bins=min(30, max(5, len(returns) // 3)))
@@ -118,24 +119,25 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_write(eval_dir / "returns.png") as handle:
         fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
-    print(f"return over {len(returns)} episodes: {summary}; per-episode returns in {eval_dir / 'returns.csv'}")
+    print(f"return over {len(returns)} episodes: {summary}, {int((returns < 500).sum())} below 500; "
+          f"per-episode returns in {eval_dir / 'returns.csv'}")
 
     if args.record:
         from PIL import Image
 
         frames: list = []
-        counter = itertools.count()
+        counter, stride = itertools.count(), max(1, ENV_FPS // (GIF_FPS * k))
 
         def keep(frame: np.ndarray) -> None:  # frame (400, 600, 3) uint8
-            if next(counter) % 2 == 0:  # 50 fps -> 25 fps
+            if next(counter) % stride == 0:  # the agent sees every k-th frame; keep <= 25 fps
                 image = Image.fromarray(frame)
                 frames.append(image.resize((round(image.width * GIF_SCALE), round(image.height * GIF_SCALE)), Image.BILINEAR))
 
-        env = make_env(fast=fast, render_mode="rgb_array")
+        env = make_env(fast=fast, action_repeat=k, render_mode="rgb_array")
         ret, n = run_episode(env, Agent(vae, mdrnn, controller), seeds[0], args.max_steps, on_step=lambda: keep(env.render()))
         env.close()
-        write_gif(frames, Path(args.record), GIF_FPS)
-        print(f"recorded episode 0 (return {ret:.1f}, {n} steps) to {args.record}")
+        write_gif(frames, Path(args.record), ENV_FPS / (k * stride))
+        print(f"recorded episode 0 (return {ret:.1f}, {n} frames) to {args.record}")
 
 
 if __name__ == "__main__":

@@ -51,10 +51,12 @@ from utils.cli import error_line, fail, finite_float, int_in, positive_float, po
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params
 
-LOG_FIELDS = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma",
-              "eval_mean", "eval_std", "eval_dream_mean", "steps_per_s", "dream_steps_per_s", "time_s"]
+LOG_FIELDS = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma", "eval_mean", "eval_std",
+              "eval_dream_mean", "frames_per_s", "dream_steps_per_s", "time_s", "env_frames", "wall_min"]
 PLOT_PANELS = {"return": ["best_fitness", "mean_fitness", "worst_fitness", "eval_mean", "eval_dream_mean"],
-               "CMA-ES step size": ["sigma"], "steps/s": ["steps_per_s", "dream_steps_per_s"]}
+               "CMA-ES step size": ["sigma"], "env frames/s": ["frames_per_s", "dream_steps_per_s"],
+               "CMA-ES mean on fresh tracks, by env frames": ("env_frames", ["eval_mean"]),
+               "... by wall minutes": ("wall_min", ["eval_mean"])}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma0", type=positive_float, default=0.1, help="initial CMA-ES step size (default 0.1)")
     parser.add_argument("--eval-every", type=positive_int, default=5, help="evaluate the CMA-ES mean every this many generations, and at the end (default 5)")
     parser.add_argument("--eval-episodes", type=int_in(1, 100_000), default=16, help="fresh tracks per evaluation (default 16)")
-    parser.add_argument("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help=f"steps per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    parser.add_argument("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    parser.add_argument("--action-repeat", type=int_in(1, 50), default=4, help="C acts every k env frames; the frames between are not drawn (default 4; 1 is the paper)")
+    parser.add_argument("--stall-frames", type=int_in(0, MAX_EPISODE_STEPS), default=100, help="end a training episode after this many frames without a new tile, charging -0.1 per frame left (default 100; 0: never; evaluations always play full episodes)")
     parser.add_argument("--display", action="store_true", help="watch the current best C drive in a window (separate low-priority process)")
     parser.add_argument("--noreload", action="store_true", help="start a new search instead of resuming L/ctrl/last.pt")
     parser.add_argument("--seed", type=seed_int, default=0, help="seeds CMA-ES, the initial C and the track seeds (default 0)")
@@ -77,7 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_backend_args(parser)  # --backend local|ray, --ray-address: where the real-env episodes run
     parser.add_argument("--dream", action="store_true", help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env")
     parser.add_argument("--temperature", type=positive_float, default=1.15, help="dream temperature tau, with --dream (default 1.15)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dream and args.action_repeat != 1:  # M models single-frame transitions
+        parser.error("--dream needs --action-repeat 1: M was trained on single-frame transitions")
+    return args
 
 
 def resume_or_start(args: argparse.Namespace, config: dict[str, int], last_path: Path, best_path: Path) -> Search:
@@ -85,11 +92,12 @@ def resume_or_start(args: argparse.Namespace, config: dict[str, int], last_path:
     if args.noreload or not last_path.exists():
         for stale in (last_path, best_path):  # best.pt must only hold this search's best
             stale.unlink(missing_ok=True)
-        return Search(config, args.pop_size, args.sigma0, args.seed)
+        return Search(config, args.pop_size, args.sigma0, args.seed, args.action_repeat, args.stall_frames)
     try:
         state = load_checkpoint(last_path)
         check_config(dict(state["config"]), config, last_path)  # C for other V/M sizes: one line, --noreload
-        check_config(dict(state["search"]), {"pop_size": args.pop_size}, last_path)  # fixed inside the strategy
+        fixed = {"pop_size": args.pop_size, "action_repeat": args.action_repeat, "stall_frames": args.stall_frames}
+        check_config(dict(state["search"]), fixed, last_path)  # what the saved fitness values were measured with
         search = Search.from_state(state)
     except SystemExit:
         raise
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     _, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints; one line if missing
     search = resume_or_start(args, config, last_path, best_path)
-    seed = search.settings["seed"]  # the track seeds continue the saved sequence
+    seed, k = search.settings["seed"], search.settings["action_repeat"]  # the track seeds continue the saved sequence
+    stall = search.settings["stall_frames"] or None
     if search.generation == 0:
         save_checkpoint(last_path, search.state())  # from now on a valid last.pt exists
 
@@ -162,29 +171,29 @@ def main(argv: list[str] | None = None) -> None:
         if problem:
             print(f"display: {problem}; training continues headless", flush=True)
         else:
-            display = mp.get_context("spawn").Process(target=watch_best, args=(args.logdir, args.max_steps, seed, not args.slow_env), daemon=True)
+            display = mp.get_context("spawn").Process(target=watch_best, args=(args.logdir, args.max_steps, seed, not args.slow_env, None, k), daemon=True)
             display.start()
     log = CSVLog(ctrl_dir / "log.csv", LOG_FIELDS, step_field="generation", keep_before=search.generation + 1)
     started, env_steps, dream_steps = time.perf_counter(), 0, 0  # totals over this run, for the summary line
 
-    def score(candidates: list[np.ndarray], seeds: list[int], desc: str, in_dream: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score(candidates: list[np.ndarray], seeds: list[int], desc: str, in_dream: bool, stall: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with tqdm(total=len(candidates) * len(seeds), unit="ep", desc=desc, dynamic_ncols=True, leave=not desc.startswith("eval")) as bar:
             if in_dream:  # the whole population at once: one batched LSTM step per time step
                 result = dream.evaluate(candidates, seeds)
                 bar.update(len(candidates) * len(seeds))
                 return result
-            return evaluate_candidates(pool, candidates, seeds, args.max_steps, lambda i, r: bar.update())
+            return evaluate_candidates(pool, candidates, seeds, args.max_steps, lambda i, r: bar.update(), stall)
 
     # -- generations: ask -> score -> tell -> evaluate -> save -> log --------------------------------
     try:
         if reason is None:  # workers load V, M and the env once, then run episodes until the end
-            pool = make_pool(args.backend, workers, init_worker, (args.logdir, not args.slow_env, config),
+            pool = make_pool(args.backend, workers, init_worker, (args.logdir, not args.slow_env, config, k),
                              task_timeout=args.task_timeout, log=lambda text: tqdm.write(text, file=sys.stderr),
                              ray_address=args.ray_address)
         while reason is None:
             t0, generation = time.perf_counter(), search.generation + 1
             candidates = search.ask()  # pop_size arrays of (n_params,)
-            fitness, _, steps = score(candidates, train_seeds(seed, generation, args.n_samples), f"generation {generation}/{args.generations}", dream is not None)
+            fitness, _, steps = score(candidates, train_seeds(seed, generation, args.n_samples), f"generation {generation}/{args.generations}", dream is not None, stall)
             search_time, search_steps = time.perf_counter() - t0, int(steps.sum())
             search.tell(candidates, fitness)
             row = dict(generation=generation, best_fitness=float(fitness.max()), mean_fitness=float(fitness.mean()),
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             eval_steps, reason = 0, stop_reason(search, args)
             if generation % args.eval_every == 0 or reason is not None:  # the CMA-ES mean on fresh tracks
                 seeds = eval_seeds(seed, generation, args.eval_episodes)
-                _, returns, steps = score([search.mean], seeds, f"evaluation {generation}", False)
+                _, returns, steps = score([search.mean], seeds, f"evaluation {generation}", False)  # full episodes
                 eval_steps = int(steps.sum())
                 row |= dict(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
                 if dream:  # the same tracks' seeds in the dream: how far dream and real returns agree
@@ -202,21 +211,23 @@ def main(argv: list[str] | None = None) -> None:
                 if improved:
                     save_checkpoint(best_path, {"state_dict": search.controller().state_dict(), "config": config,
                                                 "generation": generation, "eval_return": search.best_eval, "eval_std": row["eval_std"],
-                                                "eval_episodes": len(seeds), "search": search.settings})
+                                                "eval_episodes": len(seeds), "search": search.settings, "action_repeat": k})
                 print(f"generation {generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
                       f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}", flush=True)
                 reason = stop_reason(search, args)
-            save_checkpoint(last_path, search.state())
 
             elapsed = time.perf_counter() - t0
             env_steps += eval_steps + (0 if dream else search_steps)
             dream_steps += search_steps if dream else 0
+            search.frames += eval_steps + (0 if dream else search_steps)
+            search.seconds += elapsed
+            save_checkpoint(last_path, search.state())
             if dream:  # the search ran in the dream, the evaluation (if any) in the real env
                 row["dream_steps_per_s"] = search_steps / search_time
-                row["steps_per_s"] = eval_steps / (elapsed - search_time) if eval_steps else None
+                row["frames_per_s"] = eval_steps / (elapsed - search_time) if eval_steps else None
             else:
-                row["steps_per_s"] = (search_steps + eval_steps) / elapsed
-            log.append(row | dict(time_s=elapsed))
+                row["frames_per_s"] = (search_steps + eval_steps) / elapsed
+            log.append(row | dict(time_s=elapsed, env_frames=search.frames, wall_min=search.seconds / 60))
             plot_columns(log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)")
     except KeyboardInterrupt:
         print(f"\ninterrupted in generation {search.generation + 1}; {last_path} holds generation {search.generation}: "
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     minutes = (time.perf_counter() - started) / 60
     best_text = (f"best eval return {search.best_eval:.1f} (generation {search.best_generation}) in {best_path}"
                  if search.best_generation else "no evaluation yet")
-    rate = f", {env_steps / (minutes * 60):.0f} env steps/s" if env_steps and not dream else ""
+    rate = f", {env_steps / (minutes * 60):.0f} env frames/s" if env_steps and not dream else ""
     rate += f", {dream_steps} dream steps" if dream_steps else ""
     print(f"C: stopped after generation {search.generation}: {reason}; {best_text}; {minutes:.1f} min{rate}")
 

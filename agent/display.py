@@ -37,14 +37,14 @@ def display_problem() -> str | None:
     return None
 
 
-def open_window_env(fast: bool = True, seed: int = 0):
+def open_window_env(fast: bool = True, seed: int = 0, action_repeat: int = 1):
     """(env with render_mode="human", None), or (None, one-line reason) if no window opens."""
     problem = display_problem()
     if problem is not None:
         return None, problem
     env = None
     try:
-        env = make_env(fast=fast, render_mode="human")
+        env = make_env(fast=fast, action_repeat=action_repeat, render_mode="human")
         env.reset(seed=int(seed))  # opens the window: this is where a missing display fails
         import pygame
 
@@ -83,7 +83,8 @@ def _pump_window(seconds: float) -> None:
         time.sleep(0.05)
 
 
-def watch_best(logdir: str, max_steps: int, seed: int, fast: bool = True, episodes: int | None = None) -> None:
+def watch_best(logdir: str, max_steps: int, seed: int, fast: bool = True, episodes: int | None = None,
+               action_repeat: int = 1) -> None:
     """Display process of traincontroller --display: drive the current best.pt in a window.
 
     Runs at nice 19 and at the window's 50 fps, so on a busy machine it takes only the CPU
@@ -100,7 +101,7 @@ def watch_best(logdir: str, max_steps: int, seed: int, fast: bool = True, episod
     torch.set_num_threads(1)
     vae, mdrnn, config = load_world(logdir)
     agent = Agent(vae, mdrnn, Controller(**config))
-    env, problem = open_window_env(fast, seed)
+    env, problem = open_window_env(fast, seed, action_repeat)
     if env is None:
         print(f"display: {problem}; training continues headless", file=sys.stderr, flush=True)
         return

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from envs.carracing import to_model_frame
+from envs.carracing import MAX_EPISODE_STEPS, env_frames, to_model_frame
 from models.controller import Controller
 
 
@@ -47,25 +47,34 @@ class Agent:
         return action[0].cpu().numpy()
 
 
-def run_episode(env, agent: Agent, seed: int, max_steps: int = 1000,
-                on_step: Callable[[], None] | None = None) -> tuple[float, int]:
-    """Play one episode on track `seed`; returns (total reward, steps taken).
+def run_episode(env, agent: Agent, seed: int, max_frames: int = MAX_EPISODE_STEPS,
+                on_step: Callable[[], None] | None = None, stall_frames: int | None = None) -> tuple[float, int]:
+    """Play one episode on track `seed`; returns (total reward, env frames played).
 
-    Ends at termination (lap done, or off the playfield), truncation (the env's 1000-step
-    limit) or `max_steps`. `on_step()` runs after the reset and after every step (recording
-    a frame, checking a window).
+    The agent acts once per `env.step`, which is k frames on an `ActionRepeat` env. Ends at
+    termination (lap done, off the playfield), truncation (the env's 1000-frame limit), after
+    `max_frames`, or, with `stall_frames` (training only), once no new tile was reached for
+    that many frames: the frames left are then charged -0.1 each, the return the episode
+    would get if no tile came again. `on_step()` runs after the reset and after every step.
     """
     obs, _ = env.reset(seed=int(seed))
     agent.reset()
     if on_step is not None:
         on_step()
-    total, steps = 0.0, 0
-    while steps < max_steps:
-        obs, reward, terminated, truncated, _ = env.step(agent.act(obs))
+    track = env.unwrapped
+    total, frames, tiles, progress_frame = 0.0, 0, 0, 0
+    while frames < max_frames:
+        obs, reward, terminated, truncated, info = env.step(agent.act(obs))
         total += float(reward)
-        steps += 1
+        frames += env_frames(info)
         if on_step is not None:
             on_step()
         if terminated or truncated:
             break
-    return total, steps
+        if stall_frames is not None:
+            if track.tile_visited_count > tiles:
+                tiles, progress_frame = track.tile_visited_count, frames
+            elif frames - progress_frame >= stall_frames:
+                total -= 0.1 * max(min(max_frames, MAX_EPISODE_STEPS) - frames, 0)
+                break
+    return total, frames

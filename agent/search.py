@@ -21,13 +21,12 @@ from utils.params import get_flat_params, set_flat_params
 
 
 def _new_strategy(config: dict[str, int], pop_size: int, sigma0: float, seed: int) -> cma.CMAEvolutionStrategy:
-    """A fresh CMA-ES around a default-initialised C (seeded), silent and file-less.
+    """A fresh CMA-ES around C = 0, silent and file-less.
 
     cma draws its samples from options["randn"]; by default that is numpy's *global* RNG. A
     private RandomState makes the search a function of the seed alone.
     """
-    torch.manual_seed(seed)
-    x0 = get_flat_params(Controller(**config))
+    x0 = np.zeros_like(get_flat_params(Controller(**config)))  # straight ahead, half gas, no brake
     rng = np.random.RandomState(np.random.SeedSequence([seed, 0xC3A]).generate_state(1)[0])
     options = {
         "popsize": pop_size,
@@ -44,11 +43,14 @@ def _new_strategy(config: dict[str, int], pop_size: int, sigma0: float, seed: in
 class Search:
     """CMA-ES (maximising fitness) plus the run's bookkeeping: generation, best evaluation."""
 
-    def __init__(self, config: dict[str, int], pop_size: int, sigma0: float, seed: int) -> None:
+    def __init__(self, config: dict[str, int], pop_size: int, sigma0: float, seed: int,
+                 action_repeat: int = 1, stall_frames: int = 0) -> None:
         self.config = dict(config)
-        self.settings = dict(pop_size=int(pop_size), sigma0=float(sigma0), seed=int(seed))
+        self.settings = dict(pop_size=int(pop_size), sigma0=float(sigma0), seed=int(seed),
+                             action_repeat=int(action_repeat), stall_frames=int(stall_frames))
         self.es = _new_strategy(self.config, pop_size, sigma0, seed)
         self.generation = 0
+        self.frames, self.seconds = 0, 0.0  # real env frames played and wall time spent, over all runs
         self.fitness_history: list[np.ndarray] = []  # one (P,) array per generation told
         self.best_eval, self.best_generation = -math.inf, 0
 
@@ -87,14 +89,14 @@ class Search:
         """The checkpoint: numbers and tensors only (torch.load(weights_only=True) loads it)."""
         fitness = torch.from_numpy(np.stack(self.fitness_history)) if self.fitness_history else torch.zeros(0, self.settings["pop_size"], dtype=torch.float64)
         return {"search": self.settings, "config": self.config, "generation": self.generation, "fitness": fitness,
-                "sigma": self.sigma, "best_eval_return": self.best_eval, "best_generation": self.best_generation,
+                "frames": self.frames, "seconds": self.seconds, "sigma": self.sigma, "best_eval_return": self.best_eval, "best_generation": self.best_generation,
                 "state_dict": self.controller().state_dict()}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Search":
         """Rebuild a saved search by replaying its generations (raises ValueError/KeyError if malformed)."""
         settings, fitness = dict(state["search"]), state["fitness"]
-        search = cls(dict(state["config"]), settings["pop_size"], settings["sigma0"], settings["seed"])
+        search = cls(dict(state["config"]), **settings)
         if not isinstance(fitness, torch.Tensor) or fitness.dim() != 2 or fitness.shape[1] != search.es.popsize:
             raise ValueError(f"fitness history of shape {tuple(getattr(fitness, 'shape', ()))}, expected (generations, {search.es.popsize})")
         if fitness.shape[0] != int(state["generation"]):
@@ -102,4 +104,5 @@ class Search:
         for row in fitness.double().numpy():
             search.tell(search.ask(), row)
         search.best_eval, search.best_generation = float(state["best_eval_return"]), int(state["best_generation"])
+        search.frames, search.seconds = int(state["frames"]), float(state["seconds"])
         return search

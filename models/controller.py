@@ -11,11 +11,13 @@ import torch.nn as nn
 
 
 def squash_action(raw: torch.Tensor) -> torch.Tensor:
-    """Map unbounded outputs (..., A) into CarRacing's action box.
+    """Map unbounded outputs (..., 3) into CarRacing's action box, as the paper's C does.
 
-    steer = tanh(raw[0]) in [-1, 1]; gas, brake (and any further dims) = sigmoid in [0, 1].
+    steer = tanh in [-1, 1], gas = (tanh + 1) / 2 in [0, 1], brake = clip(tanh, 0, 1): a C at
+    zero drives straight at half gas without braking (a sigmoid brake would hold it at 0.5).
     """
-    return torch.cat([raw[..., :1].tanh(), raw[..., 1:].sigmoid()], dim=-1)
+    t = raw.tanh()
+    return torch.cat([t[..., :1], (t[..., 1:2] + 1) / 2, t[..., 2:].clamp(min=0)], dim=-1)
 
 
 class Controller(nn.Module):

@@ -20,23 +20,11 @@ from gymnasium.envs.box2d.car_racing import CarRacing  # noqa: E402
 
 from envs.carracing import ActionRepeat, env_frames, make_env  # noqa: E402
 from envs.fast_carracing import FastCarRacing  # noqa: E402
+from test_fast_carracing import _follow  # noqa: E402  (the fast-env tests' track follower)
 
 BLOCK = 12  # actions change only every 12 frames: a multiple of every k tested
 
 
-def _follow(car_env, gas: float = 0.3, ahead: int = 6) -> np.ndarray:
-    """A crude track follower (steers toward a track point a few tiles ahead)."""
-    car = car_env.car
-    x, y = car.hull.position
-    a = car.hull.angle
-    track = np.array([(t[2], t[3]) for t in car_env.track])
-    i = int(np.argmin(((track - (x, y)) ** 2).sum(axis=1)))
-    tx, ty = track[(i + ahead) % len(track)]
-    fx, fy = -math.sin(a), math.cos(a)
-    dx, dy = tx - x, ty - y
-    err = math.atan2(fx * dy - fy * dx, fx * dx + fy * dy)
-    speed = math.hypot(*car.hull.linearVelocity)
-    return np.array([np.clip(-2.0 * err, -1, 1), gas if speed < 40 else 0.0, 0.0], dtype=np.float32)
 
 
 def _policy(name: str, frame: int, car_env, rng: np.random.Generator) -> np.ndarray:

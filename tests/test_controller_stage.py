@@ -35,7 +35,7 @@ from utils.params import count_params, get_flat_params, set_flat_params
 from pool.local import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[1]
-LATENT, HIDDEN, STEPS = 8, 16, 30
+LATENT, HIDDEN, STEPS = 8, 16, 32  # STEPS: env frames, a multiple of the default action repeat 4
 SMALL = ["--pop-size", "4", "--n-samples", "2", "--max-steps", str(STEPS), "--eval-episodes", "2", "--sigma0", "0.5",
          "--max-workers", "2"]
 
@@ -208,7 +208,7 @@ def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
     assert "display: no display" in result.stdout and "Traceback" not in result.stderr
     assert "return over 2 episodes" in result.stdout
     rows = read_csv(logdir / "ctrl" / "eval" / "returns.csv")
-    assert len(rows) == 2 and all(int(r["steps"]) == STEPS for r in rows)
+    assert len(rows) == 2 and all(int(r["frames"]) == STEPS for r in rows)
     assert (logdir / "ctrl" / "eval" / "returns.png").stat().st_size > 0
     assert f"recorded episode 0 (return {float(rows[0]['return']):.1f}" in result.stdout  # deterministic replay
     from PIL import Image
@@ -315,7 +315,7 @@ def test_resume_never_runs_code_from_last_pt(tmp_path, capsys):
 
     logdir, marker = make_world(tmp_path), tmp_path / "code_ran"
     config = dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3)
-    old_style = Search(config, 4, 0.1, 0).state() | {"es": pickle.dumps(_RunsCode(marker))}
+    old_style = Search(config, 4, 0.1, 0, 4, 100).state() | {"es": pickle.dumps(_RunsCode(marker))}
     del old_style["fitness"]  # the pre-relayout format: the search only in the pickled "es" bytes
     save_checkpoint(logdir / "ctrl" / "last.pt", old_style)
     line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
@@ -324,3 +324,51 @@ def test_resume_never_runs_code_from_last_pt(tmp_path, capsys):
     line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
     assert "cannot resume" in line and "--noreload" in line
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- acting every k frames
+
+def _drive(env, agent: Agent, seed: int, k: int, frames: int) -> tuple[float, int]:
+    """By hand: the agent acts on every k-th frame of a plain env, each action held for k frames."""
+    obs, _ = env.reset(seed=seed)
+    agent.reset()
+    total, played = 0.0, 0
+    while played < frames:
+        action = agent.act(obs)
+        for _ in range(k):
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, played = total + float(reward), played + 1
+            if terminated or truncated:
+                return total, played
+    return total, played
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_agent_at_k_equals_stepping_by_hand(world, k):
+    """run_episode on make_env(action_repeat=k) == holding each action for k frames of the plain env."""
+    vae, mdrnn, config = load_world(world)
+    controller = set_flat_params(Controller(**config), np.random.default_rng(k).normal(0, 0.3, count_params(Controller(**config))))
+    agent = Agent(vae, mdrnn, controller)
+    repeated, plain = make_env(action_repeat=k), make_env()
+    for seed in (3, 4):
+        assert run_episode(repeated, agent, seed, 120) == _drive(plain, agent, seed, k, 120)
+    repeated.close()
+    plain.close()
+
+
+def test_stalled_training_episodes_stop_early_but_evaluations_play_in_full(world):
+    """A C that brakes hard never reaches a new tile: cut after stall_frames with -0.1 per frame left;
+    without stall_frames (evaluations, the test) it plays every frame."""
+    vae, mdrnn, config = load_world(world)
+    params = np.zeros(count_params(Controller(**config)))
+    params[-3:] = [0.0, -5.0, 5.0]  # biases: straight, no gas, full brake
+    agent = Agent(vae, mdrnn, set_flat_params(Controller(**config), params))
+    env = make_env(action_repeat=4)
+    full_return, full_frames = run_episode(env, agent, 5, 400)
+    cut_return, cut_frames = run_episode(env, agent, 5, 400, stall_frames=40)
+    assert full_frames == 400 and 40 <= cut_frames < 100
+    assert cut_return == pytest.approx(full_return, abs=1e-6)  # no tile either way: -0.1 for every frame
+    with WorkerPool(1, init_worker, (str(world), True, config, 4)) as pool:
+        _, _, frames = evaluate_candidates(pool, [params], [5], 400)  # no stall_frames: the evaluation default
+    assert frames.tolist() == [[400]]
+    env.close()

@@ -129,7 +129,7 @@ def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
     build_latent_cache(tmp_path, tiny_dataset, verbose=False)
     root = Path(__file__).resolve().parents[1]
     args = ["--logdir", str(tmp_path), "--dream", "--temperature", "1.15", "--pop-size", "4", "--n-samples", "2",
-            "--generations", "2", "--eval-every", "1", "--eval-episodes", "1", "--max-steps", "30", "--max-workers", "1"]
+            "--generations", "2", "--eval-every", "1", "--eval-episodes", "1", "--max-steps", "30", "--max-workers", "1", "--action-repeat", "1"]
     result = subprocess.run([sys.executable, str(root / "traincontroller.py"), *args], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "in the dream (tau 1.15)" in result.stdout and "dream steps" in result.stdout
@@ -137,7 +137,7 @@ def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
         rows = list(csv.DictReader(handle))
     assert [r["generation"] for r in rows] == ["1", "2"]
     for row in rows:
-        assert float(row["dream_steps_per_s"]) > 0 and float(row["steps_per_s"]) > 0
+        assert float(row["dream_steps_per_s"]) > 0 and float(row["frames_per_s"]) > 0
         assert row["eval_mean"] and row["eval_dream_mean"]
     best = load_checkpoint(tmp_path / "ctrl" / "best.pt")
     assert best["eval_return"] == pytest.approx(max(float(r["eval_mean"]) for r in rows), abs=1e-3)

@@ -289,8 +289,9 @@ def test_controller_params_and_box():
         a = c(torch.full((5, 32), sign * 1e4), torch.full((5, 256), sign * 1e4))
         assert a.shape == (5, 3)
         assert (a[:, 0].abs() <= 1).all() and (a[:, 1:] >= 0).all() and (a[:, 1:] <= 1).all()
-    raw = torch.tensor([[0.0, 0.0, 0.0]])
-    torch.testing.assert_close(squash_action(raw), torch.tensor([[0.0, 0.5, 0.5]]))
+    # the paper's squash: C = 0 drives straight at half gas, no brake; a negative brake output is no brake
+    raw = torch.tensor([[0.0, 0.0, 0.0], [100.0, -100.0, -3.0], [-100.0, 100.0, 100.0]])
+    torch.testing.assert_close(squash_action(raw), torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.0, 0.0], [-1.0, 1.0, 1.0]]))
 
 
 def test_batched_actions_matches_forward():

@@ -117,7 +117,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=300)
 
 
-def read_rows(path: Path, drop: tuple[str, ...] = ("steps_per_s", "time_s")) -> list[dict[str, str]]:
+def read_rows(path: Path, drop: tuple[str, ...] = ("frames_per_s", "time_s", "wall_min")) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(handle)]
 

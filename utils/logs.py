@@ -42,21 +42,24 @@ class CSVLog:
             return list(csv.DictReader(handle))
 
 
-def plot_columns(csv_path: str | os.PathLike, png_path: str | os.PathLike, x: str, panels: dict[str, Sequence[str]], title: str = "") -> None:
+def plot_columns(csv_path: str | os.PathLike, png_path: str | os.PathLike, x: str,
+                 panels: dict[str, Sequence[str] | tuple[str, Sequence[str]]], title: str = "") -> None:
     """One subplot per panel, each drawing the named CSV columns against `x`.
 
+    A panel given as (x_column, columns) uses its own x (e.g. env frames, wall minutes).
     Empty cells (e.g. evaluations that only happen every few generations) are skipped.
     """
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (name, columns) in zip(axes[0], panels.items()):
+    for ax, (name, spec) in zip(axes[0], panels.items()):
+        panel_x, columns = spec if isinstance(spec, tuple) else (x, spec)
         for column in columns:
-            points = [(float(r[x]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
+            points = [(float(r[panel_x]), float(r[column])) for r in rows if r.get(column) not in (None, "") and r.get(panel_x) not in (None, "")]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=column)
-        ax.set_xlabel(x)
+        ax.set_xlabel(panel_x)
         ax.set_title(name)
         ax.grid(alpha=0.3)
         if ax.has_data():
