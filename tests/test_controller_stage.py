@@ -280,8 +280,6 @@ def test_missing_checkpoints_name_the_command(tmp_path, capsys):
 
 def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
     """A C made for other V/M sizes (say M was retrained with hidden 32): one line, --noreload."""
-    import traincontroller
-
     logdir = make_world(tmp_path)
     other = dict(latent_size=LATENT, hidden_size=32, action_size=3)
     save_checkpoint(logdir / "ctrl" / "last.pt", Search(other, 4, 0.1, 0).state())

@@ -6,16 +6,15 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from data.carracing import BROWNIAN_DT, generate_rollout, random_actions
+from data.carracing import BROWNIAN_DT, random_actions
 from data.loaders import FrameDataset, SequenceDataset
-from data.rollouts import NoRolloutsError, dataset_paths, load_rollout, rollout_path, save_rollout, split_rollouts
+from data.rollouts import NoRolloutsError, dataset_paths, load_rollout, save_rollout, split_rollouts
 from envs.carracing import make_env, to_model_frame
 
 ROOT = Path(__file__).resolve().parents[1]
