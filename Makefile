@@ -12,10 +12,13 @@
 # ---- the default profile: a 2-core CPU, no GPU, about an hour (measured: see README, Results) ----
 # run folder: vae/, mdrnn/, ctrl/ (checkpoints, logs, curves) and report/
 LOGDIR ?= logs
-# rollout folder (shared by runs; generation skips the rollouts already there)
-DATASET ?= datasets/carracing
+# the agent acts every this many env frames (frames between are not drawn): rollouts, M, the dream and C
+# all work in steps of k frames (1 is the paper; DESIGN.md, Action repeat)
+ACTION_REPEAT ?= 4
+# rollout folder, one per k (shared by runs; generation skips the rollouts already there)
+DATASET ?= datasets/carracing-k$(ACTION_REPEAT)
 # Brownian-policy rollouts, ~12 MB each       data:  160k steps at ~600 steps/s on 2 cores, ~5 min
-ROLLOUTS ?= 160
+ROLLOUTS ?= 640
 # steps per rollout at most (1000 is the env's limit)
 ROLLOUT_STEPS ?= 1000
 # worker processes for data generation, controller training and the test episodes
@@ -30,12 +33,10 @@ SEQ_LEN ?= 32
 CTRL_MODE ?= real
 # M's sampling temperature in dream mode
 TEMPERATURE ?= 1.15
-# C acts every this many env frames (real mode); the frames between are not drawn (1 is the paper)
-ACTION_REPEAT ?= 4
 # a training episode ends after this many frames without a new tile (-0.1 per frame left); 0: never
 STALL_FRAMES ?= 100
 # CMA-ES population (not yet re-measured end to end with ACTION_REPEAT=4: see README, Results)
-POP_SIZE ?= 16
+POP_SIZE ?= 24
 # episodes (tracks) per candidate; fitness is their mean
 N_SAMPLES ?= 4
 # CMA-ES generations, counted across resumes
@@ -43,7 +44,7 @@ GENERATIONS ?= 60
 # evaluate the CMA-ES mean every this many generations (the best evaluation becomes ctrl/best.pt)
 EVAL_EVERY ?= 5
 # fresh tracks per evaluation
-EVAL_EPISODES ?= 8
+EVAL_EPISODES ?= 16
 # steps per controller / test episode at most (1000 is the env's limit)
 EPISODE_STEPS ?= 1000
 # held-out test episodes                      test:  100 x 1000 steps at ~300 steps/s + ~45 s for the GIF, ~7 min
@@ -67,7 +68,7 @@ VENV_DEP := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 ifeq ($(filter $(CTRL_MODE),real dream),)
 $(error CTRL_MODE must be real or dream, not '$(CTRL_MODE)')
 endif
-CTRL_FLAGS := $(if $(filter dream,$(CTRL_MODE)),--dream --temperature $(TEMPERATURE) --action-repeat 1,--action-repeat $(ACTION_REPEAT) --stall-frames $(STALL_FRAMES))
+CTRL_FLAGS := $(if $(filter dream,$(CTRL_MODE)),--dream --temperature $(TEMPERATURE),--stall-frames $(STALL_FRAMES))
 # each stage runs through reporting/timing.py: one row per run (stage, seconds, started, status, command)
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
 TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage
@@ -106,7 +107,7 @@ smoke: $(VENV_DEP)
 	$(MAKE) --no-print-directory pipeline $(SMOKE_PROFILE)
 
 data: $(VENV_DEP)
-	$(TIMED) data -- $(PY) data/generation_script.py --rollouts $(ROLLOUTS) --rootdir $(DATASET) --threads $(THREADS) --max-steps $(ROLLOUT_STEPS)
+	$(TIMED) data -- $(PY) data/generation_script.py --rollouts $(ROLLOUTS) --rootdir $(DATASET) --threads $(THREADS) --max-steps $(ROLLOUT_STEPS) --action-repeat $(ACTION_REPEAT)
 
 vae: $(VENV_DEP)
 	$(TIMED) vae -- $(PY) trainvae.py --logdir $(LOGDIR) --dataset $(DATASET) --epochs $(VAE_EPOCHS) $(NORELOAD)

@@ -43,7 +43,7 @@ from agent.dream import DreamEvaluator
 from agent.population import evaluate_candidates, init_worker
 from agent.search import Search
 from agent.seeds import eval_seeds, train_seeds
-from agent.world import load_world
+from agent.world import load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS
 from pool import WorkerError, add_backend_args, check_backend, make_pool
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=positive_int, default=5, help="evaluate the CMA-ES mean every this many generations, and at the end (default 5)")
     parser.add_argument("--eval-episodes", type=int_in(1, 100_000), default=16, help="fresh tracks per evaluation (default 16)")
     parser.add_argument("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
-    parser.add_argument("--action-repeat", type=int_in(1, 50), default=4, help="C acts every k env frames; the frames between are not drawn (default 4; 1 is the paper)")
+    parser.add_argument("--action-repeat", type=int_in(1, 50), default=None, help="C acts every k env frames, the frames between not drawn (default and only choice: M's k, that of its rollouts)")
     parser.add_argument("--stall-frames", type=int_in(0, MAX_EPISODE_STEPS), default=100, help="end a training episode after this many frames without a new tile, charging -0.1 per frame left (default 100; 0: never; evaluations always play full episodes)")
     parser.add_argument("--display", action="store_true", help="watch the current best C drive in a window (separate low-priority process)")
     parser.add_argument("--noreload", action="store_true", help="start a new search instead of resuming L/ctrl/last.pt")
@@ -81,10 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_backend_args(parser)  # --backend local|ray, --ray-address: where the real-env episodes run
     parser.add_argument("--dream", action="store_true", help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env")
     parser.add_argument("--temperature", type=positive_float, default=1.15, help="dream temperature tau, with --dream (default 1.15)")
-    args = parser.parse_args(argv)
-    if args.dream and args.action_repeat != 1:  # M models single-frame transitions
-        parser.error("--dream needs --action-repeat 1: M was trained on single-frame transitions")
-    return args
+    return parser.parse_args(argv)
 
 
 def resume_or_start(args: argparse.Namespace, config: dict[str, int], last_path: Path, best_path: Path) -> Search:
@@ -150,6 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     _, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints; one line if missing
+    world_k = world_action_repeat(args.logdir)  # M models k-frame steps: C must act at that k
+    if args.action_repeat not in (None, world_k):
+        fail(f"--action-repeat {args.action_repeat}, but M in {args.logdir}/mdrnn was trained on rollouts at k={world_k}; "
+             f"drop the flag, or make rollouts at k={args.action_repeat} and retrain V and M on them")
+    args.action_repeat = world_k
     search = resume_or_start(args, config, last_path, best_path)
     seed, k = search.settings["seed"], search.settings["action_repeat"]  # the track seeds continue the saved sequence
     stall = search.settings["stall_frames"] or None
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint(last_path, search.state())  # from now on a valid last.pt exists
 
     # -- scorers, display, log: dream mode scores candidates here and uses the pool only for evaluations
-    dream = DreamEvaluator(args.logdir, args.temperature, args.max_steps) if args.dream else None
+    dream = DreamEvaluator(args.logdir, args.temperature, -(-args.max_steps // k)) if args.dream else None  # M steps of k frames
     workers = min(args.max_workers, args.eval_episodes if dream else args.pop_size * args.n_samples)
     reason, pool, display = stop_reason(search, args), None, None
     if reason is not None:

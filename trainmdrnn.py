@@ -157,7 +157,8 @@ def train(args: argparse.Namespace) -> int:
 
     # V first (its absence is the first thing to fix), then the cache of its latents
     vae_config = require_checkpoint(args.logdir, "vae")["config"]
-    v_print = read_meta(build_latent_cache(args.logdir, args.dataset, device))["vae"]  # the V the cache holds
+    meta = read_meta(build_latent_cache(args.logdir, args.dataset, device))
+    v_print = meta["vae"]  # the V the cache holds
     # V's own split (trainvae.py: split_rollouts(paths, test_fraction, seed)), so M never trains on V's test rollouts
     rollouts = load_latent_cache(args.logdir, vae_config.get("test_fraction", 0.1), vae_config.get("seed", 0))
     train_rollouts, test_rollouts = split_latents(rollouts)
@@ -175,6 +176,7 @@ def train(args: argparse.Namespace) -> int:
         "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
         "reward_weight": args.reward_weight, "done_weight": args.done_weight, "grad_clip": args.grad_clip,
         "seed": args.seed, "dataset": str(args.dataset),
+        "action_repeat": int(meta.get("action_repeat", 1)),  # env frames per M step, from the rollouts
     }
     model = MDRNN(**{k: config[k] for k in SIZE_KEYS}).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -189,12 +191,13 @@ def train(args: argparse.Namespace) -> int:
         stage_dir=stage, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
         train_data=train_data, test_data=FixedNoise(test_data, device, args.seed),
         train_step=train_step, test_step=test_step, metrics=["gmm", "reward", "done"],
-        unit="sequence", patience=args.patience, config_keys=SIZE_KEYS,
+        unit="sequence", patience=args.patience, config_keys=[*SIZE_KEYS, "action_repeat"],
         on_epoch_end=lambda epoch, _: plot_prediction(model, plot_rollout, stage / "prediction.png", device),
         extra_state={"vae_fingerprint": v_print},
     )
     frames = sum(len(r["mu"]) for r in rollouts)
-    print(f"M: latent {config['latent_size']}, hidden {args.hidden_size}, {args.gaussians} gaussians; "
+    print(f"M: latent {config['latent_size']}, hidden {args.hidden_size}, {args.gaussians} gaussians, "
+          f"{config['action_repeat']} env frame(s) per step; "
           f"{len(train_rollouts)} train / {len(test_rollouts)} test rollouts ({frames} frames) from {cache_path(args.logdir)}; device {device}")
     summary = fit(run, args.epochs, noreload=args.noreload)
     print(f"done: {summary['epoch']} epochs{' (stopped early)' if summary['stopped_early'] else ''}, "

@@ -44,6 +44,12 @@ def load_world(logdir: str | os.PathLike, device: str | torch.device = "cpu") ->
     return vae, mdrnn, config
 
 
+def world_action_repeat(logdir: str | os.PathLike) -> int:
+    """k, the env frames per step M was trained on (its rollouts'); 1 for an M that does not say."""
+    config = require_checkpoint(logdir, "mdrnn").get("config", {})
+    return int(config.get("action_repeat", 1)) if isinstance(config, dict) else 1
+
+
 def load_best_controller(logdir: str | os.PathLike, config: dict[str, int]) -> tuple[Controller, dict[str, Any]]:
     """C from `L/ctrl/best.pt`, which must match the sizes of the current V and M."""
     state = require_checkpoint(logdir, "ctrl")

@@ -24,11 +24,12 @@ def rollout_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
     return env_seed, np.random.default_rng(policy_seed_seq)
 
 
-def random_actions(policy: str, steps: int, low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def random_actions(policy: str, steps: int, low: np.ndarray, high: np.ndarray, rng: np.random.Generator,
+                   dt: float = BROWNIAN_DT) -> np.ndarray:
     """(steps, 3) float32 actions, drawn up front so the env never touches the policy RNG.
 
     "white": independent uniform samples of the action box.
-    "brown": a Brownian walk a(t+1) = clip(a(t) + sqrt(dt) N(0, I)), dt = 1/50, from a
+    "brown": a Brownian walk a(t+1) = clip(a(t) + sqrt(dt) N(0, I)), dt = 1/50 per frame, from a
     uniform start: smooth, temporally correlated driving that explores far more of the track
     than white noise, which mostly jitters in place.
     """
@@ -38,7 +39,7 @@ def random_actions(policy: str, steps: int, low: np.ndarray, high: np.ndarray, r
         raise ValueError(f"unknown policy {policy!r}, expected one of {POLICIES}")
     actions = np.empty((steps, len(low)), dtype=np.float32)
     actions[0] = rng.uniform(low, high)
-    noise = rng.standard_normal(size=(steps, len(low))) * np.sqrt(BROWNIAN_DT)
+    noise = rng.standard_normal(size=(steps, len(low))) * np.sqrt(dt)
     for t in range(1, steps):
         actions[t] = np.clip(actions[t - 1] + noise[t], low, high)
     return actions
@@ -47,17 +48,21 @@ def random_actions(policy: str, steps: int, low: np.ndarray, high: np.ndarray, r
 def generate_rollout(env, index: int, seed: int = 0, policy: str = "brown", max_steps: int = MAX_EPISODE_STEPS) -> dict[str, np.ndarray]:
     """Play one episode of rollout `index` in `env` and return its arrays (DESIGN.md layout).
 
-    Exactly one action per env step; the episode ends at `terminated`, `truncated`, or
-    `max_steps` (the last step is then marked terminal, as the TimeLimit would).
+    One row per `env.step`: on an `ActionRepeat(k)` env that is one agent step of k frames
+    (reward summed over them), and the Brownian walk moves k/50 per step, so it drives alike
+    at any k. The episode ends at `terminated`, `truncated`, or after `max_steps` env frames
+    (the last row is then marked terminal, as the TimeLimit would).
     """
+    k = getattr(env, "action_repeat", 1)
+    steps = -(-max_steps // k)  # agent steps covering max_steps frames
     env_seed, rng = rollout_seeds(seed, index)
-    actions = random_actions(policy, max_steps, env.action_space.low, env.action_space.high, rng)
+    actions = random_actions(policy, steps, env.action_space.low, env.action_space.high, rng, BROWNIAN_DT * k)
     obs, _ = env.reset(seed=env_seed)
     observations, rewards, terminals = [], [], []
-    for t in range(max_steps):
+    for t in range(steps):
         observations.append(to_model_frame(obs))
         obs, reward, terminated, truncated, _ = env.step(actions[t])
-        done = terminated or truncated or t == max_steps - 1
+        done = terminated or truncated or t == steps - 1
         rewards.append(reward)
         terminals.append(done)
         if done:
@@ -68,6 +73,7 @@ def generate_rollout(env, index: int, seed: int = 0, policy: str = "brown", max_
         "actions": actions[:steps],  # (T, 3) float32
         "rewards": np.asarray(rewards, dtype=np.float32),  # (T,)
         "terminals": np.asarray(terminals, dtype=bool),  # (T,)
+        "action_repeat": np.asarray(k, dtype=np.int64),  # env frames per row
         "seed": np.asarray([seed, index, env_seed], dtype=np.int64),
         "policy": np.asarray(policy),
         "env_id": np.asarray(env.spec.id if env.spec else "CarRacing-v3"),

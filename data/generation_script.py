@@ -23,17 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from data.carracing import POLICIES, generate_rollout  # noqa: E402
-from data.rollouts import find_rollouts, remove_partial_files, rollout_path, save_rollout  # noqa: E402
+from data.rollouts import dataset_action_repeat, find_rollouts, remove_partial_files, rollout_path, save_rollout  # noqa: E402
 from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
 from pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
-from utils.cli import positive_int  # noqa: E402
+from utils.cli import fail, int_in, positive_int, seed_int, writable_dir  # noqa: E402
 
 _env = None  # one env per worker process, built once by `init_worker`
 
 
-def init_worker(fast: bool) -> None:
+def init_worker(fast: bool, action_repeat: int = 1) -> None:
     global _env
-    _env = make_env(fast=fast)
+    _env = make_env(fast=fast, action_repeat=action_repeat)
 
 
 def run_rollout(index: int, thread: int, rootdir: str, seed: int, policy: str, max_steps: int) -> int:
@@ -45,12 +45,13 @@ def run_rollout(index: int, thread: int, rootdir: str, seed: int, policy: str, m
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rollouts", type=positive_int, required=True, help="total number of rollouts to have on disk")
-    parser.add_argument("--rootdir", default="datasets/carracing", help="output folder (default: datasets/carracing)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--rollouts", type=int_in(1, 10_000_000), required=True, help="total number of rollouts to have on disk")
+    parser.add_argument("--rootdir", type=writable_dir, default="datasets/carracing", help="output folder (default: datasets/carracing)")
+    parser.add_argument("--threads", type=int_in(1, 100_000), default=2, help="worker processes (default: 2)")
     parser.add_argument("--policy", choices=POLICIES, default="brown", help="random policy (default: brown)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)")
-    parser.add_argument("--max-steps", type=positive_int, default=MAX_EPISODE_STEPS, help=f"steps per rollout at most (default: {MAX_EPISODE_STEPS})")
+    parser.add_argument("--seed", type=seed_int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)")
+    parser.add_argument("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help=f"env frames per rollout at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    parser.add_argument("--action-repeat", type=int_in(1, 50), default=1, help="hold each action this many frames, one row per k frames (default 1, the paper); one k per --rootdir")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
     add_backend_args(parser)
     args = parser.parse_args(argv)
@@ -59,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     rootdir = Path(args.rootdir)
     rootdir.mkdir(parents=True, exist_ok=True)
     remove_partial_files(rootdir)  # hidden temporaries left by a killed run; never read by loaders
-    done = {index for index, _ in find_rollouts(rootdir)}  # complete files, in any thread folder
+    found = find_rollouts(rootdir)  # complete files, in any thread folder
+    done = {index for index, _ in found}
+    try:
+        k_found = dataset_action_repeat([path for _, path in found], rootdir) if found else args.action_repeat
+    except ValueError as error:
+        fail(str(error))
+    if k_found != args.action_repeat:
+        fail(f"{rootdir} holds rollouts at --action-repeat {k_found}, not {args.action_repeat}: use another --rootdir for k={args.action_repeat}")
     todo = [i for i in range(args.rollouts) if i not in done]
     if not todo:
         print(f"all {args.rollouts} rollouts already in {rootdir}; nothing to do")
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
 
     try:
-        with make_pool(args.backend, min(args.threads, len(tasks)), init_worker, (not args.slow_env,),
+        with make_pool(args.backend, min(args.threads, len(tasks)), init_worker, (not args.slow_env, args.action_repeat),
                        ray_address=args.ray_address) as pool:
             pool.map(run_rollout, tasks, on_result=on_result)
     except WorkerError as error:
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"generated {len(tasks)} rollouts ({frames} frames) in {elapsed:.1f}s: "
         f"{len(tasks) / elapsed:.2f} rollouts/s, {frames / elapsed:.0f} frames/s, "
-        f"{args.rollouts} in {rootdir} with {args.threads} worker(s)"
+        f"{args.rollouts} in {rootdir} with {args.threads} worker(s), action repeat {args.action_repeat}"
     )
     return 0
 

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from data.loaders import RolloutBuffer
-from data.rollouts import NoRolloutsError, dataset_paths, split_rollouts
+from data.rollouts import NoRolloutsError, dataset_action_repeat, dataset_paths, split_rollouts
 from models.vae import VAE
 from utils.checkpoint import BEST, load_model, stage_dir
 from utils.cli import fail, stage_command
@@ -107,7 +107,8 @@ def build_latent_cache(
     v_print = v_print or vae_fingerprint(logdir)
     try:
         paths, lengths_found = dataset_paths(dataset)
-    except NoRolloutsError as error:  # one line naming the command that makes them
+        action_repeat = dataset_action_repeat(paths, dataset)  # one k per dataset: M models k-frame steps
+    except (NoRolloutsError, ValueError) as error:  # one line naming the command that makes them, or the mix
         fail(str(error))
     d_print = dataset_fingerprint(dataset, paths)
     meta = read_meta(path)
@@ -148,6 +149,7 @@ def build_latent_cache(
     arrays["meta"] = np.asarray(json.dumps({
         "version": CACHE_VERSION, "vae": v_print, "dataset": d_print, "latent_size": int(arrays["mu"].shape[1]),
         "vae_epoch": state.get("epoch"), "frames": int(arrays["lengths"].sum()), "rollouts": len(lengths),
+        "action_repeat": action_repeat,
     }))
     with atomic_write(path) as handle:  # a file object, so numpy adds no ".npz" suffix
         np.savez(handle, **arrays)

@@ -12,8 +12,10 @@ recursively, so both work.
 | `rewards` | (T,) | float32 | reward after action t |
 | `terminals` | (T,) | bool | episode ended (terminated or truncated) after action t |
 
-Extra keys (`seed`, `policy`, `env_id`) are written too; readers ignore keys they do not
-know. A file is written under a hidden temporary name and renamed when complete
+`action_repeat` (a scalar k) says how many env frames one row spans: the agent held each
+action k frames, `rewards` sums them (DESIGN.md, Action repeat); a file without it is k = 1.
+One dataset holds one k (`dataset_action_repeat`). Extra keys (`seed`, `policy`, `env_id`)
+are written too; readers ignore keys they do not know. A file is written under a hidden temporary name and renamed when complete
 (utils.files.atomic_write), so any `rollout_I.npz` present is complete; a killed run only
 leaves hidden temporaries, which `remove_partial_files` deletes. Train/test split is by
 rollout, never by frame.
@@ -162,6 +164,32 @@ def rollout_length(path: str | os.PathLike) -> int | None:
         warnings.warn(f"skipping rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8", stacklevel=2)
         return None
     return len(rewards)
+
+
+def rollout_action_repeat(path: str | os.PathLike) -> int:
+    """k of a rollout file: env frames per row (1 if the file does not say); ValueError if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "action_repeat.npy" not in archive.namelist():
+                return 1
+            with archive.open("action_repeat.npy") as member:
+                k = np.lib.format.read_array(member, allow_pickle=False)
+        if k.shape != () or k.dtype.kind not in "iu" or int(k) < 1:
+            raise ValueError(f"action_repeat {k!r}")
+        return int(k)
+    except BAD_FILE_ERRORS as error:
+        raise ValueError(f"cannot read action_repeat of {path}: {type(error).__name__}: {error}") from None
+
+
+def dataset_action_repeat(paths: Sequence[str | os.PathLike], root: str | os.PathLike) -> int:
+    """The one k of `paths`; ValueError (one line naming a file of each k) if they mix several."""
+    found: dict[int, Path] = {}
+    for path in paths:
+        found.setdefault(rollout_action_repeat(path), Path(path))
+    if len(found) > 1:
+        which = ", ".join(f"k={k} ({p})" for k, p in sorted(found.items()))
+        raise ValueError(f"{root} mixes rollouts of different action repeats: {which}; keep one k per dataset folder")
+    return next(iter(found), 1)
 
 
 def dataset_paths(root: str | os.PathLike) -> tuple[list[Path], list[int]]:
