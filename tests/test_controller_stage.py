@@ -40,12 +40,12 @@ SMALL = ["--pop-size", "4", "--n-samples", "2", "--max-steps", str(STEPS), "--ev
          "--max-workers", "2"]
 
 
-def make_world(logdir: Path, latent: int = LATENT, hidden: int = HIDDEN) -> Path:
-    """Random-init V and M checkpoints, laid out as trainvae.py / trainmdrnn.py write them."""
+def make_world(logdir: Path, latent: int = LATENT, hidden: int = HIDDEN, action_repeat: int = 4) -> Path:
+    """Random-init V and M checkpoints, laid out as trainvae.py / trainmdrnn.py write them (M at k = action_repeat)."""
     torch.manual_seed(0)
     vae, mdrnn = VAE(latent_size=latent), MDRNNCell(latent, 3, hidden, 5)
-    for stage, model in (("vae", vae), ("mdrnn", mdrnn)):
-        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config, "epoch": 1, "best_loss": 1.0})
+    for stage, model, extra in (("vae", vae, {}), ("mdrnn", mdrnn, {"action_repeat": action_repeat})):
+        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0})
     return logdir
 
 

@@ -129,7 +129,7 @@ def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
     build_latent_cache(tmp_path, tiny_dataset, verbose=False)
     root = Path(__file__).resolve().parents[1]
     args = ["--logdir", str(tmp_path), "--dream", "--temperature", "1.15", "--pop-size", "4", "--n-samples", "2",
-            "--generations", "2", "--eval-every", "1", "--eval-episodes", "1", "--max-steps", "30", "--max-workers", "1", "--action-repeat", "1"]
+            "--generations", "2", "--eval-every", "1", "--eval-episodes", "1", "--max-steps", "30", "--max-workers", "1"]
     result = subprocess.run([sys.executable, str(root / "traincontroller.py"), *args], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "in the dream (tau 1.15)" in result.stdout and "dream steps" in result.stdout
