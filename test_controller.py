@@ -27,7 +27,7 @@ from agent.seeds import holdout_seeds
 from agent.world import load_best_controller, load_world
 from envs.carracing import MAX_EPISODE_STEPS, make_env
 from pool import WorkerError, add_backend_args, check_backend, make_pool
-from utils.cli import fail, int_in, positive_float, seed_int, writable_dir, writable_file
+from utils.cli import ArgumentParser, fail, int_in, positive_float, seed_int, writable_dir, writable_file
 from utils.files import atomic_write
 from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
 from utils.params import get_flat_params
@@ -36,7 +36,7 @@ ENV_FPS, GIF_FPS, GIF_SCALE = 50, 25, 0.5  # at most 25 fps of the 50 fps env, a
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/.")
+    parser = ArgumentParser(description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/.")
     parser.add_argument("--logdir", type=writable_dir, required=True, help="folder holding vae/, mdrnn/ and ctrl/")
     parser.add_argument("--episodes", type=int_in(1, 1_000_000), default=100, help="held-out tracks to run (default 100)")
     parser.add_argument("--seed", type=seed_int, default=0, help="picks the held-out tracks (default 0)")

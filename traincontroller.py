@@ -47,7 +47,7 @@ from agent.world import load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS
 from pool import WorkerError, add_backend_args, check_backend, make_pool
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
-from utils.cli import error_line, fail, finite_float, int_in, positive_float, positive_int, seed_int, writable_dir
+from utils.cli import ArgumentParser, error_line, fail, finite_float, int_in, positive_float, positive_int, seed_int, writable_dir
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params
 
@@ -60,7 +60,7 @@ PLOT_PANELS = {"return": ["best_fitness", "mean_fitness", "worst_fitness", "eval
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Stage 4: train C with CMA-ES in CarRacing (reads L/vae, L/mdrnn; writes L/ctrl).")
+    parser = ArgumentParser(description="Stage 4: train C with CMA-ES in CarRacing (reads L/vae, L/mdrnn; writes L/ctrl).")
     parser.add_argument("--logdir", type=writable_dir, required=True, help="folder holding vae/ and mdrnn/; ctrl/ is written there")
     parser.add_argument("--pop-size", type=int_in(2, 100_000), default=32, help="CMA-ES population per generation (default 32)")
     parser.add_argument("--n-samples", type=int_in(1, 10_000), default=4, help="episodes (tracks) per candidate; fitness is their mean return (default 4)")

@@ -25,29 +25,29 @@ from envs.carracing import ACTION_SIZE
 from models.mdrnn import MDRNN, mdrnn_loss
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
 from utils.logs import plt
-from utils.cli import fail, one_line_warnings, positive_float, positive_int, stage_command
+from utils.cli import ArgumentParser, device_name, fail, int_in, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, seed_int, stage_command, writable_dir
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--logdir", required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--logdir", type=writable_dir, required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/")
     p.add_argument("--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)")
     p.add_argument("--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt")
     p.add_argument("--epochs", type=positive_int, default=30, help="epochs in all, counted across resumes")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
-    p.add_argument("--seq-len", type=positive_int, default=32, help="steps per training sequence (truncated BPTT)")
+    p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="sequences per batch")
+    p.add_argument("--seq-len", type=int_in(1, 10_000), default=32, help="steps per training sequence (truncated BPTT)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--hidden-size", type=positive_int, default=256, help="LSTM hidden size")
-    p.add_argument("--gaussians", type=positive_int, default=5, help="mixture components per latent dimension")
-    p.add_argument("--reward-weight", type=float, default=1.0, help="weight of the reward MSE in the loss")
-    p.add_argument("--done-weight", type=float, default=1.0, help="weight of the done BCE in the loss")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    p.add_argument("--patience", type=int, default=10, help="early stopping after this many epochs without test improvement (0 disables)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and latent sampling")
+    p.add_argument("--hidden-size", type=int_in(1, 8192), default=256, help="LSTM hidden size")
+    p.add_argument("--gaussians", type=int_in(1, 256), default=5, help="mixture components per latent dimension")
+    p.add_argument("--reward-weight", type=non_negative_float, default=1.0, help="weight of the reward MSE in the loss")
+    p.add_argument("--done-weight", type=non_negative_float, default=1.0, help="weight of the done BCE in the loss")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0 disables)")
+    p.add_argument("--patience", type=non_negative_int, default=10, help="early stopping after this many epochs without test improvement (0 disables)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of weights, batch order and latent sampling")
     return p.parse_args(argv)
 
 

@@ -23,7 +23,7 @@ from data.loaders import DEFAULT_BUFFER_SIZE, FrameDataset
 from data.rollouts import NoRolloutsError, dataset_paths, load_rollout, split_rollouts
 from models.vae import VAE, frames_to_tensor, vae_loss
 from utils.logs import plt
-from utils.cli import fail, fraction, one_line_warnings, positive_float, positive_int, stage_command
+from utils.cli import ArgumentParser, device_name, fail, fraction, int_in, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, seed_int, stage_command, writable_dir
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 IMG_CHANNELS = 3  # rollouts hold RGB frames
@@ -32,21 +32,21 @@ GRID_COLUMNS = 8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--logdir", required=True, help="run folder: writes L/vae/")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--logdir", type=writable_dir, required=True, help="run folder: writes L/vae/")
     p.add_argument("--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)")
     p.add_argument("--noreload", action="store_true", help="start afresh instead of resuming from L/vae/last.pt")
     p.add_argument("--epochs", type=positive_int, default=20, help="epochs in all, counted across resumes")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="frames per batch")
+    p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="frames per batch")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (halved by ReduceLROnPlateau)")
-    p.add_argument("--latent-size", type=positive_int, default=32, help="size of z")
-    p.add_argument("--kl-tolerance", type=float, default=0.5, help="free bits per latent dimension: no KL gradient below kl_tolerance * latent_size")
-    p.add_argument("--patience", type=int, default=10, help="early stopping after this many epochs without test improvement (0 disables)")
-    p.add_argument("--lr-patience", type=int, default=3, help="epochs without test improvement before the lr is halved")
+    p.add_argument("--latent-size", type=int_in(1, 1024), default=32, help="size of z")
+    p.add_argument("--kl-tolerance", type=non_negative_float, default=0.5, help="free bits per latent dimension: no KL gradient below kl_tolerance * latent_size")
+    p.add_argument("--patience", type=non_negative_int, default=10, help="early stopping after this many epochs without test improvement (0 disables)")
+    p.add_argument("--lr-patience", type=non_negative_int, default=3, help="epochs without test improvement before the lr is halved")
     p.add_argument("--test-fraction", type=fraction, default=0.1, help="share of the rollouts held out as the fixed test set")
-    p.add_argument("--buffer-size", type=positive_int, default=DEFAULT_BUFFER_SIZE, help="rollouts held in memory at once (bounds RAM; frames are shuffled within it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, split, batch order and sample noise")
+    p.add_argument("--buffer-size", type=int_in(1, 100_000), default=DEFAULT_BUFFER_SIZE, help="rollouts held in memory at once (bounds RAM; frames are shuffled within it)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of weights, split, batch order and sample noise")
     return p.parse_args(argv)
 
 

@@ -11,7 +11,6 @@ generation dream the same worlds (common random numbers).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,7 @@ from agent.world import load_dream_starts, load_mdrnn, load_vae
 from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, episode_noise
 from models.controller import batched_actions
 from models.mdrnn import MDRNNCell
-from utils.cli import positive_float, positive_int
+from utils.cli import ArgumentParser, positive_float, positive_int
 
 
 def make_dream_env(logdir: str | Path, temperature: float = 1.0, render_mode: str | None = None,
@@ -169,7 +168,7 @@ def play(logdir: str, temperature: float, episodes: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Drive CarRacing as dreamed by M, with the arrow keys.")
+    parser = ArgumentParser(description="Drive CarRacing as dreamed by M, with the arrow keys.")
     parser.add_argument("--logdir", required=True, help="logdir holding vae/, mdrnn/ and the latent cache")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="dream temperature tau (default 1.0)")
     parser.add_argument("--episodes", type=positive_int, default=3, help="episodes to play (default 3)")

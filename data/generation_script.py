@@ -26,7 +26,7 @@ from data.carracing import POLICIES, generate_rollout  # noqa: E402
 from data.rollouts import dataset_action_repeat, find_rollouts, remove_partial_files, rollout_path, save_rollout  # noqa: E402
 from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
 from pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
-from utils.cli import fail, int_in, positive_int, seed_int, writable_dir  # noqa: E402
+from utils.cli import ArgumentParser, fail, int_in, seed_int, writable_dir  # noqa: E402
 
 _env = None  # one env per worker process, built once by `init_worker`
 
@@ -44,7 +44,7 @@ def run_rollout(index: int, thread: int, rootdir: str, seed: int, policy: str, m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollouts", type=int_in(1, 10_000_000), required=True, help="total number of rollouts to have on disk")
     parser.add_argument("--rootdir", type=writable_dir, default="datasets/carracing", help="output folder (default: datasets/carracing)")
     parser.add_argument("--threads", type=int_in(1, 100_000), default=2, help="worker processes (default: 2)")

@@ -54,6 +54,13 @@ def fail(message: str) -> NoReturn:
     raise StageInputError(message)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (`prog: error: ... (see --help)`), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _number(kind: type, text: str) -> int | float:
     try:
         value = kind(text)
@@ -111,7 +118,7 @@ def fraction(text: str) -> float:
     return value
 
 
-def device(text: str) -> str:
+def device_name(text: str) -> str:
     """auto, cpu, cuda or cuda:N, mps: a device torch knows (availability is checked when used)."""
     import torch  # torch is heavy: only the scripts that take --device pay for it
 
