@@ -33,6 +33,7 @@ from agent.world import load_world
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.params import count_params, get_flat_params, set_flat_params
 from pool.local import WorkerPool
+from reporting.export import export
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT, HIDDEN, STEPS = 8, 16, 32  # STEPS: env frames, a multiple of the default action repeat 4
@@ -370,3 +371,20 @@ def test_stalled_training_episodes_stop_early_but_evaluations_play_in_full(world
         _, _, frames = evaluate_candidates(pool, [params], [5], 400)  # no stall_frames: the evaluation default
     assert frames.tolist() == [[400]]
     env.close()
+
+
+def test_exported_logdir_plays_the_same_returns(tmp_path):
+    """reporting.export keeps only what evaluation needs, and test_controller.py scores it the same."""
+    logdir = make_world(tmp_path / "run")
+    _, _, config = load_world(logdir)
+    controller = set_flat_params(Controller(**config), np.random.default_rng(3).normal(0, 0.3, count_params(Controller(**config))))
+    save_checkpoint(logdir / "ctrl" / "best.pt", {"state_dict": controller.state_dict(), "config": config, "generation": 2,
+                                                  "eval_return": 1.0, "action_repeat": 4, "es_junk": torch.zeros(1000)})
+    export(logdir, tmp_path / "pretrained")
+    assert "es_junk" not in load_checkpoint(tmp_path / "pretrained" / "ctrl" / "best.pt")
+    returns = {}
+    for name in ("run", "pretrained"):
+        result = run_script("test_controller.py", "--logdir", str(tmp_path / name), "--episodes", "2", "--max-steps", str(STEPS), "--workers", "1")
+        assert result.returncode == 0, result.stderr
+        returns[name] = read_csv(tmp_path / name / "ctrl" / "eval" / "returns.csv")
+    assert returns["run"] == returns["pretrained"] and len(returns["run"]) == 2

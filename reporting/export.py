@@ -1,0 +1,60 @@
+"""Strip a trained logdir to what evaluation needs: V, M and C's best weights and configs.
+
+    python -m reporting.export --logdir runs/p1/logdir --out pretrained/carracing-k4
+
+The result is a logdir `test_controller.py --logdir OUT` reads like the original (same
+returns, bit for bit): `vae/best.pt`, `mdrnn/best.pt` and `ctrl/best.pt` keep their weights,
+configs and the few facts a reader wants (epochs, losses, generation, evaluated return,
+action repeat); optimizer states, RNG states, logs and the latent cache are left behind.
+The test's `ctrl/eval/returns.csv` and GIF come along when present.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.world import load_best_controller, load_world
+from utils.checkpoint import BEST, require_checkpoint, save_checkpoint, stage_dir
+from utils.cli import ArgumentParser, writable_dir
+from utils.files import atomic_write
+
+KEEP = {  # stage -> the checkpoint entries evaluation and a curious reader need
+    "vae": ("state_dict", "config", "epoch", "best_loss"),
+    "mdrnn": ("state_dict", "config", "epoch", "best_loss"),
+    "ctrl": ("state_dict", "config", "generation", "eval_return", "eval_std", "eval_episodes", "search", "action_repeat"),
+}
+EVAL_FILES = ("returns.csv", "episode.gif")
+
+
+def export(logdir: str | Path, out: str | Path) -> list[Path]:
+    """Write the stripped checkpoints (and the test's files) under `out`; returns the files written."""
+    _, _, config = load_world(logdir)  # one line if V or M is missing or they disagree
+    load_best_controller(logdir, config)  # one line if C is missing or does not fit them
+    written = []
+    for stage, keys in KEEP.items():
+        state = require_checkpoint(logdir, stage)
+        path = stage_dir(out, stage) / BEST
+        save_checkpoint(path, {key: state[key] for key in keys if key in state})
+        written.append(path)
+    for name in EVAL_FILES:
+        source = stage_dir(logdir, "ctrl") / "eval" / name
+        if source.is_file():
+            target = stage_dir(out, "ctrl") / "eval" / name
+            with atomic_write(target) as handle:
+                handle.write(source.read_bytes())
+            written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description="Copy V, M and C's best checkpoints, stripped to what evaluation needs, to a new logdir.")
+    parser.add_argument("--logdir", required=True, help="the trained run folder (vae/, mdrnn/, ctrl/)")
+    parser.add_argument("--out", type=writable_dir, required=True, help="the folder to write (e.g. pretrained/carracing-k4)")
+    args = parser.parse_args(argv)
+    written = export(args.logdir, args.out)
+    size = sum(p.stat().st_size for p in written) / 2**20
+    print(f"exported {len(written)} files ({size:.1f} MB) to {args.out}; try: python test_controller.py --logdir {args.out} --display")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
