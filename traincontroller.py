@@ -48,6 +48,7 @@ from envs.carracing import MAX_EPISODE_STEPS
 from pool import WorkerError, add_backend_args, check_backend, make_pool
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
 from utils.cli import ArgumentParser, error_line, fail, finite_float, int_in, positive_float, positive_int, seed_int, writable_dir
+from utils.files import atomic_write
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params
 
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except WorkerError as error:
         details = ctrl_dir / "worker_error.log"
-        details.write_text(str(error))
+        with atomic_write(details, "w") as handle:
+            handle.write(str(error))
         last_line = next((line for line in reversed(str(error).strip().splitlines()) if line.strip()), "unknown")
         fail(f"a worker failed: {last_line.strip()} (full traceback in {details})")
     finally:

@@ -24,6 +24,7 @@ from data.loaders import SequenceDataset
 from envs.carracing import ACTION_SIZE
 from models.mdrnn import MDRNN, mdrnn_loss
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
+from utils.files import atomic_write
 from utils.logs import plt
 from utils.cli import ArgumentParser, device_name, fail, int_in, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, seed_int, stage_command, writable_dir
 from utils.training import TrainingRun, fit, pick_device, seed_everything
@@ -134,10 +135,9 @@ def plot_prediction(model: MDRNN, rollout: dict[str, np.ndarray], path: Path, de
     axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"M on test rollout {rollout['file']}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=90)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

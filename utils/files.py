@@ -2,19 +2,48 @@
 
 Every file the project writes (rollouts, checkpoints, caches, logs' plots, GIFs, reports)
 goes through `atomic_write`, so a kill at any moment leaves either the previous complete
-file or the new complete one, never a half file under the real name.
+file or the new complete one, never a half file under the real name. The temporary a killed
+writer leaves behind is deleted by the next write of the same file.
+
+Fault injection (tests/test_faults.py): with WORLD_MODELS_KILL_AT_WRITE=N in the environment
+a process SIGKILLs itself inside its N-th atomic write, after the temporary file is written
+and before the rename, the worst moment for a kill.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import signal
 from pathlib import Path
 from typing import IO, Iterator
 
 
-def temp_name(path: Path) -> Path:
+KILL_AT_WRITE = int(os.environ.get("WORLD_MODELS_KILL_AT_WRITE", "0") or 0)  # fault injection only; 0: never
+_writes = 0  # atomic writes done by this process
+
+
+def temp_name(path: Path, pid: int | None = None) -> Path:
     """The hidden temporary name `path` is written under (same folder, so rename is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp{path.suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_orphaned_temps(path: Path) -> None:
+    """Delete the temporaries of `path` left by writers that were killed (their process is gone)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -23,14 +52,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     On any error (Ctrl-C included) the temporary file is removed and `path` is untouched.
     """
+    global _writes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(path)
     tmp = temp_name(path)
     try:
         with open(tmp, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        _writes += 1
+        if _writes == KILL_AT_WRITE:
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
