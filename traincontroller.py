@@ -187,12 +187,33 @@ def main(argv: list[str] | None = None) -> None:
                 return result
             return evaluate_candidates(pool, candidates, seeds, args.max_steps, lambda i, r: bar.update(), stall)
 
+    def evaluate_mean(generation: int) -> tuple[dict[str, float], int]:
+        """Score the CMA-ES mean on fresh tracks, full episodes; best.pt if it is the best so far."""
+        seeds = eval_seeds(seed, generation, args.eval_episodes)
+        _, returns, steps = score([search.mean], seeds, f"evaluation {generation}", False)
+        row = dict(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
+        if dream:  # the same tracks' seeds in the dream: how far dream and real returns agree
+            row["eval_dream_mean"] = float(dream.evaluate([search.mean], seeds)[0][0])
+        improved = search.record_eval(row["eval_mean"])
+        if improved:
+            save_checkpoint(best_path, {"state_dict": search.controller().state_dict(), "config": config,
+                                        "generation": generation, "eval_return": search.best_eval, "eval_std": row["eval_std"],
+                                        "eval_episodes": len(seeds), "search": search.settings, "action_repeat": k})
+        print(f"generation {generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
+              f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}", flush=True)
+        return row, int(steps.sum())
+
     # -- generations: ask -> score -> tell -> evaluate -> save -> log --------------------------------
+    repair = reason is not None and search.generation > 0 and not search.best_generation  # a finished search lost best.pt
     try:
-        if reason is None:  # workers load V, M and the env once, then run episodes until the end
+        if reason is None or repair:  # workers load V, M and the env once, then run episodes until the end
             pool = make_pool(args.backend, workers, init_worker, (args.logdir, not args.slow_env, config, k),
                              task_timeout=args.task_timeout, log=lambda text: tqdm.write(text, file=sys.stderr),
                              ray_address=args.ray_address)
+        if repair:
+            print(f"re-evaluating the CMA-ES mean of generation {search.generation} to rewrite {best_path}")
+            search.frames += evaluate_mean(search.generation)[1]
+            save_checkpoint(last_path, search.state())
         while reason is None:
             t0, generation = time.perf_counter(), search.generation + 1
             candidates = search.ask()  # pop_size arrays of (n_params,)
@@ -204,19 +225,8 @@ def main(argv: list[str] | None = None) -> None:
 
             eval_steps, reason = 0, stop_reason(search, args)
             if generation % args.eval_every == 0 or reason is not None:  # the CMA-ES mean on fresh tracks
-                seeds = eval_seeds(seed, generation, args.eval_episodes)
-                _, returns, steps = score([search.mean], seeds, f"evaluation {generation}", False)  # full episodes
-                eval_steps = int(steps.sum())
-                row |= dict(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
-                if dream:  # the same tracks' seeds in the dream: how far dream and real returns agree
-                    row["eval_dream_mean"] = float(dream.evaluate([search.mean], seeds)[0][0])
-                improved = search.record_eval(row["eval_mean"])
-                if improved:
-                    save_checkpoint(best_path, {"state_dict": search.controller().state_dict(), "config": config,
-                                                "generation": generation, "eval_return": search.best_eval, "eval_std": row["eval_std"],
-                                                "eval_episodes": len(seeds), "search": search.settings, "action_repeat": k})
-                print(f"generation {generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
-                      f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}", flush=True)
+                evaluation, eval_steps = evaluate_mean(generation)
+                row |= evaluation
                 reason = stop_reason(search, args)
 
             elapsed = time.perf_counter() - t0

@@ -26,7 +26,7 @@ from models.mdrnn import MDRNN, mdrnn_loss
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
 from utils.files import atomic_write
 from utils.logs import plt
-from utils.cli import ArgumentParser, device_name, fail, int_in, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, seed_int, stage_command, writable_dir
+from utils.cli import ArgumentParser, device_name, error_line, fail, int_in, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, seed_int, stage_command, writable_dir
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
@@ -166,7 +166,10 @@ def train(args: argparse.Namespace) -> int:
         fail(f"need at least 2 usable rollouts under {args.dataset} for a train/test split, found {len(rollouts)}; "
              f"make more with: {stage_command('data', dataset=args.dataset)}")
     if not args.noreload and (stage / LAST).exists():
-        previous = load_checkpoint(stage / LAST).get("vae_fingerprint")
+        try:
+            previous = load_checkpoint(stage / LAST).get("vae_fingerprint")
+        except Exception as error:  # damaged or foreign: one line, as the resume itself would say
+            fail(f"cannot resume from {stage / LAST} ({error_line(error)}); use --noreload to start afresh")
         if previous is not None and previous != v_print:
             fail(f"{stage / LAST} was trained on the latents of another V ({Path(args.logdir) / 'vae' / 'best.pt'} changed since); use --noreload to start afresh")
 

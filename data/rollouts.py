@@ -182,10 +182,14 @@ def rollout_action_repeat(path: str | os.PathLike) -> int:
 
 
 def dataset_action_repeat(paths: Sequence[str | os.PathLike], root: str | os.PathLike) -> int:
-    """The one k of `paths`; ValueError (one line naming a file of each k) if they mix several."""
+    """The one k of `paths` (unreadable files skipped with a warning: no loader uses them);
+    ValueError (one line naming a file of each k) if they mix several."""
     found: dict[int, Path] = {}
     for path in paths:
-        found.setdefault(rollout_action_repeat(path), Path(path))
+        try:
+            found.setdefault(rollout_action_repeat(path), Path(path))
+        except ValueError as error:
+            warnings.warn(f"skipping rollout: {error}", stacklevel=2)
     if len(found) > 1:
         which = ", ".join(f"k={k} ({p})" for k, p in sorted(found.items()))
         raise ValueError(f"{root} mixes rollouts of different action repeats: {which}; keep one k per dataset folder")
