@@ -44,8 +44,8 @@ def measure(tmp: Path) -> dict:
     logdir = tmp / "logdir"
     torch.manual_seed(0)
     vae, mdrnn = VAE(latent_size=8), MDRNNCell(8, 3, 16, 5)
-    for stage, model in (("vae", vae), ("mdrnn", mdrnn)):
-        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config,
+    for stage, model, extra in (("vae", vae, {}), ("mdrnn", mdrnn, {"action_repeat": 4})):  # M at k = 4, C acts at M's k
+        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config | extra,
                                                      "epoch": 1, "best_loss": 1.0})
     _run("traincontroller.py", "--logdir", str(logdir), "--pop-size", "4", "--n-samples", "1", "--max-steps", "80",
          "--generations", "2", "--eval-every", "1", "--eval-episodes", "1", "--sigma0", "0.5", "--max-workers", "1")
