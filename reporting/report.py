@@ -237,6 +237,46 @@ def ctrl_section(report: Report) -> None:
     report.copy(folder / "curves.png", "ctrl_curves.png", "C learning curves (ctrl/curves.png)", "ctrl", "CMA-ES learning curves")
 
 
+def learning_curve(points: list[dict[str, float]], path: Path) -> None:
+    """The evaluated return of the CMA-ES mean (mean ± std) against real env frames and wall minutes."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    mean, std = np.array([p["eval_mean"] for p in points]), np.array([p["eval_std"] for p in points])
+    for ax, key, label in ((axes[0], "env_frames", "real env frames (millions)"), (axes[1], "wall_min", "wall minutes of the C stage")):
+        x = np.array([p[key] for p in points]) / (1e6 if key == "env_frames" else 1)
+        ax.plot(x, mean, marker="o", color="tab:blue")
+        ax.fill_between(x, mean - std, mean + std, color="tab:blue", alpha=0.2)
+        ax.set(xlabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="return of the CMA-ES mean (± std)")
+    fig.suptitle("learning curve: the CMA-ES mean on fresh tracks, full episodes")
+    fig.tight_layout()
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+
+
+def learning_curve_section(report: Report) -> None:
+    report.add("## Learning curve", "")
+    points = []
+    path = report.logdir / "ctrl" / "log.csv"
+    if path.is_file():
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    points.append({k: float(row[k]) for k in ("generation", "eval_mean", "eval_std", "env_frames", "wall_min")})
+                except (KeyError, TypeError, ValueError):  # a generation without an evaluation, or an older log
+                    continue
+    if not points:
+        (report.out / "learning_curve.png").unlink(missing_ok=True)
+        report.lack("evaluations of the CMA-ES mean in ctrl/log.csv", "ctrl")
+        return
+    learning_curve(points, report.out / "learning_curve.png")
+    report.add("![return of the CMA-ES mean against env frames and wall minutes](learning_curve.png)", "",
+               "| generation | real env frames | wall minutes (C) | return of the CMA-ES mean |", "|---|---|---|---|",
+               *(f"| {p['generation']:.0f} | {p['env_frames'] / 1e6:.2f} M | {p['wall_min']:.1f} | {p['eval_mean']:.1f} ± {p['eval_std']:.1f} |"
+                 for p in points), "")
+
+
 # -- the page ------------------------------------------------------------------------------------
 
 def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = None) -> Path:
@@ -251,6 +291,7 @@ def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = 
     model_section(report, "vae", "V (VAE)")
     model_section(report, "mdrnn", "M (MDN-RNN)")
     ctrl_section(report)
+    learning_curve_section(report)
     report.add("## Missing", "")
     report.add(*(f"- {item}" for item in report.missing) if report.missing else ["Nothing: every stage's outputs are here."])
     path = report.out / "report.md"

@@ -39,7 +39,7 @@ def test_make_smoke_runs_every_stage_and_reports(tmp_path):
     assert len(list((tmp_path / "dataset").rglob("rollout_*.npz"))) == 4
     for name in ["vae/best.pt", "mdrnn/best.pt", "ctrl/best.pt", "ctrl/eval/returns.csv", "ctrl/eval/episode.gif",
                  "report/report.md", "report/test_returns.png", "report/episode.gif", "report/vae_recon.png",
-                 "report/mdrnn_curves.png", "report/ctrl_curves.png"]:
+                 "report/mdrnn_curves.png", "report/ctrl_curves.png", "report/learning_curve.png"]:
         assert (logdir / name).is_file(), f"{name} missing"
     assert (logdir / "report/episode.gif").read_bytes()[:4] == b"GIF8"
     assert (logdir / "report/test_returns.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -50,6 +50,9 @@ def test_make_smoke_runs_every_stage_and_reports(tmp_path):
     report = (logdir / "report/report.md").read_text()
     assert score_text(returns) in report  # "mean ± std over 3 episodes (min, max)"
     assert "Nothing: every stage's outputs are here." in report
+    with open(logdir / "ctrl/log.csv", newline="") as handle:  # the learning curve: one row per evaluation
+        evaluated = [row for row in csv.DictReader(handle) if row["eval_mean"]]
+    assert len(evaluated) == 2 and all(f"| {float(r['eval_mean']):.1f} ± {float(r['eval_std']):.1f} |" in report for r in evaluated)
 
     timings = read_timings(logdir / "report/timings.csv")
     assert [row["stage"] for row in timings] == STAGES
