@@ -28,7 +28,7 @@ from agent.world import load_best_controller, load_world
 from envs.carracing import MAX_EPISODE_STEPS, make_env
 from pool import WorkerError, add_backend_args, check_backend, make_pool
 from utils.cli import ArgumentParser, fail, int_in, positive_float, seed_int, writable_dir, writable_file
-from utils.files import atomic_write
+from utils.files import atomic_write, remove_orphaned_temps
 from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
 from utils.params import get_flat_params
 
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- report -------------------------------------------------------------------------------------
     returns = np.array([r for r, _ in results])  # (episodes,)
     eval_dir = Path(args.logdir) / "ctrl" / "eval"
+    remove_orphaned_temps(eval_dir)  # what a kill inside a write left behind
     log = CSVLog(eval_dir / "returns.csv", ["episode", "seed", "return", "frames"], step_field="episode")
     for index, (seed, (ret, n)) in enumerate(zip(seeds, results)):
         log.append(dict(episode=index, seed=seed, **{"return": float(ret)}, frames=n))

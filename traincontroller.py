@@ -48,7 +48,7 @@ from envs.carracing import MAX_EPISODE_STEPS
 from pool import WorkerError, add_backend_args, check_backend, make_pool
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
 from utils.cli import ArgumentParser, error_line, fail, finite_float, int_in, positive_float, positive_int, seed_int, writable_dir
-from utils.files import atomic_write
+from utils.files import atomic_write, remove_orphaned_temps
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params
 
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
+    remove_orphaned_temps(ctrl_dir)  # what a kill inside a write left behind
     _, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints; one line if missing
     world_k = world_action_repeat(args.logdir)  # M models k-frame steps: C must act at that k
     if args.action_repeat not in (None, world_k):
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             display = mp.get_context("spawn").Process(target=watch_best, args=(args.logdir, args.max_steps, seed, not args.slow_env, None, k), daemon=True)
             display.start()
     log = CSVLog(ctrl_dir / "log.csv", LOG_FIELDS, step_field="generation", keep_before=search.generation + 1)
+    if reason is not None and log.path.is_file():  # a kill may have come between the last log row and its plot
+        plot_columns(log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)")
     started, env_steps, dream_steps = time.perf_counter(), 0, 0  # totals over this run, for the summary line
 
     def score(candidates: list[np.ndarray], seeds: list[int], desc: str, in_dream: bool, stall: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -3,7 +3,8 @@
 Every file the project writes (rollouts, checkpoints, caches, logs' plots, GIFs, reports)
 goes through `atomic_write`, so a kill at any moment leaves either the previous complete
 file or the new complete one, never a half file under the real name. The temporary a killed
-writer leaves behind is deleted by the next write of the same file.
+writer leaves behind is deleted by the next write of the same file, or by
+`remove_orphaned_temps` when a stage starts.
 
 Fault injection (tests/test_faults.py): with WORLD_MODELS_KILL_AT_WRITE=N in the environment
 a process SIGKILLs itself inside its N-th atomic write, after the temporary file is written
@@ -38,12 +39,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_temps(path: Path) -> None:
-    """Delete the temporaries of `path` left by writers that were killed (their process is gone)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+def _writer_pid(tmp: Path) -> int | None:
+    """The writer's pid in a temporary's name (`.NAME.PID.tmpSUFFIX`), or None."""
+    head = tmp.name.rsplit(".tmp", 1)[0].rsplit(".", 1)
+    return int(head[1]) if len(head) == 2 and head[1].isdigit() else None
+
+
+def _orphaned(tmp: Path) -> bool:
+    pid = _writer_pid(tmp)
+    return pid is not None and pid != os.getpid() and not _alive(pid)
+
+
+def remove_orphaned_temps(folder: str | os.PathLike) -> int:
+    """Delete the temporaries under `folder` whose writer was killed (its process is gone); returns how many.
+
+    Stages call it when they start, so that a kill inside the write of a file the rerun does
+    not write again still leaves no temporary behind.
+    """
+    folder = Path(folder)
+    orphans = [p for p in folder.rglob(".*.tmp*") if is_temp_file(p) and _orphaned(p)] if folder.is_dir() else []
+    for tmp in orphans:
+        tmp.unlink(missing_ok=True)
+    return len(orphans)
 
 
 @contextlib.contextmanager
@@ -55,7 +72,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     global _writes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_temps(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+        if _orphaned(stale):  # left by a killed writer of this same file
+            stale.unlink(missing_ok=True)
     tmp = temp_name(path)
     try:
         with open(tmp, mode) as handle:

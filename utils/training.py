@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
-from utils.cli import fail
-from utils.files import atomic_write
+from utils.cli import error_line, fail
+from utils.files import atomic_write, remove_orphaned_temps
 from utils.logs import CSVLog, plot_columns
 
 
@@ -179,20 +179,21 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
     names = ["loss"] + run.metrics
     fields = ["epoch"] + [f"train_{n}" for n in names] + [f"test_{n}" for n in names] + ["lr", f"{run.unit}s_per_s", "epoch_time_s"]
     log_path = run.stage_dir / "log.csv"
+    remove_orphaned_temps(run.stage_dir)  # what a kill inside a write left behind
     if not noreload and last_path.exists():
-        try:
+        try:  # a truncated, foreign or damaged last.pt: one line, not a traceback
             state = load_checkpoint(last_path, map_location="cpu")
-        except Exception as error:  # truncated or foreign file: one line, not a traceback
-            fail(f"cannot read {last_path} ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}); use --noreload to start afresh")
-        check_config(state["config"], run.config, last_path, run.config_keys)
-        run.model.load_state_dict(state["state_dict"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        early.load_state_dict(state["early_stopping"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, best_loss = int(state["epoch"]) + 1, float(state["best_loss"])
-        best_epoch = state["best_epoch"] if "best_epoch" in state else _saved_epoch(best_path)  # older last.pt
-        committed_rows = list(state["log_rows"]) if "log_rows" in state else None
+            check_config(dict(state["config"]), run.config, last_path, run.config_keys)
+            run.model.load_state_dict(state["state_dict"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+            early.load_state_dict(state["early_stopping"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, best_loss = int(state["epoch"]) + 1, float(state["best_loss"])
+            best_epoch = state["best_epoch"] if "best_epoch" in state else _saved_epoch(best_path)  # older last.pt
+            committed_rows = list(state["log_rows"]) if "log_rows" in state else None
+        except Exception as error:  # (check_config's own one-line exit is a SystemExit, not caught here)
+            fail(f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh")
         _roll_forward(state, last_path, best_path)
         print(f"resuming {last_path} after epoch {state['epoch']} (best test loss {best_loss:.6g})")
     else:  # a fresh start, asked for or not: best.pt must only hold this run's best
