@@ -1,22 +1,27 @@
-"""How well controller training uses the CPU: one CMA-ES generation against the ideal.
+"""The controller stage's speed: env frames per second, today's default against the old path and the ceiling.
 
-    python bench/bench_controller.py [--workers 2 --pop-size 8 --n-samples 2 --max-steps 500]
+    python bench/bench_controller.py [--workers 2 --pop-size 8 --n-samples 2 --action-repeat 4]
 
-1. In this process, with the same Agent the workers use (one torch thread): env steps/s of
-   a single env driven by V+M+C, with the per-step time split into the agent (V encode,
-   M step, C; and the 96->64 frame resize they need) and env.step. Measured before and
-   after step 2; the ideal uses their mean, so a change in the machine's load shows.
-2. One generation through the real path (agent.population.evaluate_candidates on a WorkerPool):
-   wall time against ideal = total steps / (single-env steps/s x workers).
-   efficiency = ideal / wall; the target is >= 85% with 2 workers.
+All three are measured in the same run, alternating, so a change in the machine's load shows
+in each alike:
+
+1. **old path**: k = 1 (the agent acts, and the env draws, every frame), one env per worker:
+   a generation of `pop x n-samples` full-length episodes through the real pool
+   (agent.population.evaluate_candidates on a WorkerPool).
+2. **default**: the same generation at the default k (C acts every k frames, the frames in
+   between are not drawn). Target: >= 5x the old path's env frames/s.
+3. **ceiling**: the bare fast env at the same k on one core per worker (physics plus one
+   render per k frames, no agent): env frames/s x workers. Target: default >= 80% of it.
+
+Then full 1000-frame episodes per hour on the workers at the default, and the per-step split
+of one agent (frame resize, V encode, M step and C, env.step) in this process.
 
 V and M are random-init at the paper's sizes (latent 32, hidden 256) in a temp dir: speed
-does not depend on what they learned. Timings include other load on the machine.
+does not depend on what they learned. The candidates are C = N(0, 0.1^2) around zero, the
+search's start: the car drives (badly) for whole episodes.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 import tempfile
@@ -28,47 +33,55 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import positive_int  # noqa: E402
-from envs.carracing import make_env, to_model_frame  # noqa: E402
-from models.controller import Controller  # noqa: E402
-from models.mdrnn import MDRNNCell  # noqa: E402
-from models.vae import VAE  # noqa: E402
 from agent.policy import Agent  # noqa: E402
 from agent.population import evaluate_candidates, init_worker  # noqa: E402
 from agent.seeds import train_seeds  # noqa: E402
 from agent.world import load_world  # noqa: E402
-from utils.checkpoint import save_checkpoint  # noqa: E402
-from utils.params import count_params  # noqa: E402
+from envs.carracing import MAX_EPISODE_STEPS, env_frames, make_env, to_model_frame  # noqa: E402
+from models.controller import Controller  # noqa: E402
+from models.mdrnn import MDRNNCell  # noqa: E402
+from models.vae import VAE  # noqa: E402
 from pool.local import WorkerPool  # noqa: E402
+from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.cli import ArgumentParser, int_in, positive_int  # noqa: E402
+from utils.params import count_params  # noqa: E402
 
 
-def make_world(logdir: Path, latent: int, hidden: int) -> None:
+def make_world(logdir: Path, latent: int, hidden: int, action_repeat: int) -> None:
     torch.manual_seed(0)
-    for stage, model in (("vae", VAE(latent_size=latent)), ("mdrnn", MDRNNCell(latent, 3, hidden, 5))):
-        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config, "epoch": 0, "best_loss": 0.0})
+    for stage, model, extra in (("vae", VAE(latent_size=latent), {}), ("mdrnn", MDRNNCell(latent, 3, hidden, 5), {"action_repeat": action_repeat})):
+        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 0, "best_loss": 0.0})
 
 
-def schedstat(pids: list[int]) -> tuple[float, float]:
-    """(seconds on a CPU, seconds runnable but waiting for one), summed over pids (Linux; else nan).
-
-    Unlike wall time, these do not grow when other programs load the machine: a process's
-    wall time = on-CPU + waiting for a CPU + blocked (for a worker: idle, with no task).
-    """
-    try:
-        fields = [Path(f"/proc/{pid}/schedstat").read_text().split() for pid in pids]
-    except OSError:
-        return math.nan, math.nan
-    return sum(int(f[0]) for f in fields) / 1e9, sum(int(f[1]) for f in fields) / 1e9
+def generation(logdir: str, config: dict, k: int, workers: int, candidates: list, seeds: list, max_frames: int) -> float:
+    """Env frames/s of one generation through the real pool, acting every k frames."""
+    with WorkerPool(workers, init_worker, (logdir, True, config, k), task_timeout=600) as pool:
+        pool.map(time.sleep, [(0.5,)] * workers)  # every worker has loaded V, M and the env
+        start = time.perf_counter()
+        _, _, frames = evaluate_candidates(pool, candidates, seeds, max_frames)
+        return int(frames.sum()) / (time.perf_counter() - start)
 
 
-def single_env(agent: Agent, fast: bool, steps: int, seed: int) -> dict[str, float]:
-    """Drive one env for `steps` steps (resetting on episode end), timing each part per step."""
-    env = make_env(fast=fast)
+def bare_env(k: int, frames: int, seed: int) -> float:
+    """Env frames/s of the fast env alone at k (constant gas, a gentle random steer), on this core."""
+    env, rng = make_env(action_repeat=k), np.random.default_rng(seed)
+    env.reset(seed=seed)
+    done, start = 0, time.perf_counter()
+    while done < frames:
+        _, _, terminated, truncated, info = env.step(np.array([rng.uniform(-0.3, 0.3), 0.3, 0.0], dtype=np.float32))
+        done += env_frames(info)
+        if terminated or truncated:
+            env.reset(seed=seed + done)
+    env.close()
+    return done / (time.perf_counter() - start)
+
+
+def agent_split(agent: Agent, k: int, steps: int) -> dict[str, float]:
+    """Milliseconds per agent step: resize, V encode, M step and C, env.step (k frames)."""
+    env = make_env(action_repeat=k)
     parts = dict(resize=0.0, encode=0.0, mdrnn_ctrl=0.0, env=0.0)
-    obs, _ = env.reset(seed=seed)
+    obs, _ = env.reset(seed=0)
     agent.reset()
-    cpu0, _ = schedstat([os.getpid()])
-    start = time.perf_counter()
     with torch.no_grad():
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -78,81 +91,58 @@ def single_env(agent: Agent, fast: bool, steps: int, seed: int) -> dict[str, flo
             t2 = time.perf_counter()
             action = agent.controller(z, agent.hidden[0])  # (1, 3)
             agent.hidden = agent.mdrnn(z, action, agent.hidden).hidden
-            action = action[0].numpy()
             t3 = time.perf_counter()
-            obs, _, terminated, truncated, _ = env.step(action)
+            obs, _, terminated, truncated, _ = env.step(action[0].numpy())
             t4 = time.perf_counter()
-            parts["resize"] += t1 - t0
-            parts["encode"] += t2 - t1
-            parts["mdrnn_ctrl"] += t3 - t2
-            parts["env"] += t4 - t3
+            for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                parts[name] += dt
             if terminated or truncated:
-                obs, _ = env.reset(seed=seed + 1)
+                obs, _ = env.reset(seed=1)
                 agent.reset()
-    total = time.perf_counter() - start
-    cpu = schedstat([os.getpid()])[0] - cpu0
     env.close()
-    return {k: 1000 * v / steps for k, v in parts.items()} | {"steps_per_s": steps / total, "cpu_ms": 1000 * cpu / steps}
+    return {name: 1000 * total / steps for name, total in parts.items()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=positive_int, default=2)
-    parser.add_argument("--pop-size", type=positive_int, default=8)
-    parser.add_argument("--n-samples", type=positive_int, default=2)
-    parser.add_argument("--max-steps", type=positive_int, default=500)
-    parser.add_argument("--single-steps", type=positive_int, default=600, help="steps for the single-env measurement")
-    parser.add_argument("--latent", type=positive_int, default=32)
-    parser.add_argument("--hidden", type=positive_int, default=256)
-    parser.add_argument("--slow-env", action="store_true")
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=positive_int, default=2, help="pool workers (default 2)")
+    parser.add_argument("--pop-size", type=positive_int, default=4, help="candidates per generation (default 4)")
+    parser.add_argument("--n-samples", type=positive_int, default=1, help="tracks per candidate (default 1)")
+    parser.add_argument("--action-repeat", type=int_in(2, 50), default=4, help="the default k (default 4)")
+    parser.add_argument("--max-frames", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help="env frames per episode (default 1000)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="alternations of the three measurements (default 2)")
     args = parser.parse_args()
-    fast = not args.slow_env
     torch.set_num_threads(1)  # like each worker
-    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
-    print(f"{cores} cores, load average {load:.1f} before starting")
-    if load > 0.5:
-        print("warning: other processes are using the CPU; every figure below is pessimistic and noisy")
+    k, workers = args.action_repeat, args.workers
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before starting"
+          + (" (other processes are using the CPU: every figure is pessimistic)" if os.getloadavg()[0] > 0.5 else ""))
 
+    rates = {"old path (k=1)": [], f"default (k={k})": [], f"ceiling (bare env, k={k})": []}
     with tempfile.TemporaryDirectory() as tmp:
-        make_world(Path(tmp), args.latent, args.hidden)
-        vae, mdrnn, config = load_world(tmp)
-        n_params = count_params(Controller(**config))
+        make_world(Path(tmp) / "k1", 32, 256, 1)
+        make_world(Path(tmp) / "kk", 32, 256, k)
+        _, _, config = load_world(Path(tmp) / "k1")
         rng = np.random.default_rng(0)
-        # sigma ~ CMA-ES's 0.1 around a typical init: candidates drive (badly) without leaving the map at once
-        candidates = [rng.normal(scale=0.1, size=n_params) for _ in range(args.pop_size)]
-        agent = Agent(vae, mdrnn, Controller(**config))
-        single_env(agent, fast, 50, 0)  # warm-up (allocator, first-call overheads)
-        single = single_env(agent, fast, args.single_steps, 0)
-        agent_ms = single["resize"] + single["encode"] + single["mdrnn_ctrl"]
-        print(f"single env ({'fast' if fast else 'gymnasium'} renderer, 1 torch thread, latent {args.latent}, hidden {args.hidden}, C {n_params} params):")
-        print(f"  {single['steps_per_s']:.0f} steps/s; per step: env.step {single['env']:.2f} ms, agent {agent_ms:.2f} ms "
-              f"(resize {single['resize']:.2f} + V encode {single['encode']:.2f} + M step & C {single['mdrnn_ctrl']:.2f})")
+        candidates = [rng.normal(scale=0.1, size=count_params(Controller(**config))) for _ in range(args.pop_size)]
+        for r in range(args.rounds):
+            seeds = train_seeds(0, r + 1, args.n_samples)
+            rates["old path (k=1)"].append(generation(str(Path(tmp) / "k1"), config, 1, workers, candidates, seeds, args.max_frames))
+            rates[f"default (k={k})"].append(generation(str(Path(tmp) / "kk"), config, k, workers, candidates, seeds, args.max_frames))
+            rates[f"ceiling (bare env, k={k})"].append(workers * bare_env(k, 4000, r))
+        split = agent_split(Agent(*load_world(Path(tmp) / "kk")[:2], Controller(**config)), k, 300)
 
-        with WorkerPool(args.workers, init_worker, (tmp, fast, config), task_timeout=600) as pool:
-            pool.map(time.sleep, [(0.5,)] * args.workers)  # wait until every worker has loaded V, M, env
-            seeds = train_seeds(0, 1, args.n_samples)
-            pids = pool.pids
-            cpu0, wait0 = schedstat(pids)
-            start = time.perf_counter()
-            _, _, steps = evaluate_candidates(pool, candidates, seeds, args.max_steps)
-            wall = time.perf_counter() - start
-            cpu, wait = (b - a for a, b in zip((cpu0, wait0), schedstat(pids)))
-        after = single_env(agent, fast, args.single_steps, 0)  # again: did the machine's load change meanwhile?
-    print(f"load average {os.getloadavg()[0]:.1f} at the end; single env again: {after['steps_per_s']:.0f} steps/s")
-    rate = (single["steps_per_s"] + after["steps_per_s"]) / 2  # single-env steps/s around the generation
-    total = int(steps.sum())
-    ideal = total / (rate * args.workers)
-    print(f"generation: pop {args.pop_size} x {args.n_samples} episodes of <= {args.max_steps} steps = {total} steps, "
-          f"{args.workers} workers")
-    print(f"  wall {wall:.1f} s vs ideal {ideal:.1f} s (= steps / ({rate:.0f} steps/s x {args.workers})): "
-          f"efficiency {100 * ideal / wall:.0f}%, {total / wall:.0f} env steps/s")
-    # Load-independent view: the pool's own loss is the time workers sat with no task; running
-    # side by side costs the rest (CPU per step in a worker vs alone: caches, memory bandwidth).
-    idle = 1 - (cpu + wait) / (wall * args.workers)
-    cpu_ms, alone_ms = 1000 * cpu / total, (single["cpu_ms"] + after["cpu_ms"]) / 2
-    print(f"  workers idle (no task) {100 * idle:.1f}% of the time, waiting for a CPU {100 * wait / (wall * args.workers):.0f}%; "
-          f"CPU per step {cpu_ms:.2f} ms in a worker vs {alone_ms:.2f} ms alone")
-    print(f"  => efficiency on an otherwise idle machine ~ (1 - idle) x alone/worker = {100 * (1 - idle) * alone_ms / cpu_ms:.0f}%")
+    mean = {name: float(np.mean(values)) for name, values in rates.items()}
+    old, default, ceiling = mean.values()
+    print(f"env frames/s on {workers} workers (pop {args.pop_size} x {args.n_samples} episodes of {args.max_frames} frames, "
+          f"mean of {args.rounds} alternated rounds):")
+    for name, values in rates.items():
+        print(f"  {name:28s} {mean[name]:7.0f}   ({', '.join(f'{v:.0f}' for v in values)})")
+    print(f"default vs old path: {default / old:.2f}x (target >= 5x); default vs ceiling: {100 * default / ceiling:.0f}% (target >= 80%)")
+    print(f"full {MAX_EPISODE_STEPS}-frame episodes per hour on {workers} workers: {3600 * default / MAX_EPISODE_STEPS:.0f} "
+          f"at k={k}, {3600 * old / MAX_EPISODE_STEPS:.0f} at k=1")
+    agent_ms = split["resize"] + split["encode"] + split["mdrnn_ctrl"]
+    print(f"one agent step (k={k} frames) in this process: env.step {split['env']:.2f} ms, agent {agent_ms:.2f} ms "
+          f"(resize {split['resize']:.2f} + V encode {split['encode']:.2f} + M step & C {split['mdrnn_ctrl']:.2f})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ The result is a logdir `test_controller.py --logdir OUT` reads like the original
 returns, bit for bit): `vae/best.pt`, `mdrnn/best.pt` and `ctrl/best.pt` keep their weights,
 configs and the few facts a reader wants (epochs, losses, generation, evaluated return,
 action repeat); optimizer states, RNG states, logs and the latent cache are left behind.
-The test's `ctrl/eval/returns.csv` and GIF come along when present.
+The test's `ctrl/eval/returns.csv` and GIF come along when present, as `OUT/test_returns.csv`
+and `OUT/episode.gif` (outside `ctrl/eval/`, which a new test run rewrites).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ KEEP = {  # stage -> the checkpoint entries evaluation and a curious reader need
     "mdrnn": ("state_dict", "config", "epoch", "best_loss"),
     "ctrl": ("state_dict", "config", "generation", "eval_return", "eval_std", "eval_episodes", "search", "action_repeat"),
 }
-EVAL_FILES = ("returns.csv", "episode.gif")
+EVAL_FILES = {"returns.csv": "test_returns.csv", "episode.gif": "episode.gif"}  # ctrl/eval/ name -> name in OUT
 
 
 def export(logdir: str | Path, out: str | Path) -> list[Path]:
@@ -35,10 +36,10 @@ def export(logdir: str | Path, out: str | Path) -> list[Path]:
         path = stage_dir(out, stage) / BEST
         save_checkpoint(path, {key: state[key] for key in keys if key in state})
         written.append(path)
-    for name in EVAL_FILES:
+    for name, exported in EVAL_FILES.items():
         source = stage_dir(logdir, "ctrl") / "eval" / name
         if source.is_file():
-            target = stage_dir(out, "ctrl") / "eval" / name
+            target = Path(out) / exported
             with atomic_write(target) as handle:
                 handle.write(source.read_bytes())
             written.append(target)
