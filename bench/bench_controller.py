@@ -103,6 +103,17 @@ def agent_split(agent: Agent, k: int, steps: int) -> dict[str, float]:
     return {name: 1000 * total / steps for name, total in parts.items()}
 
 
+def encode_ms(vae: VAE, batch: int, calls: int = 100) -> float:
+    """Milliseconds per frame for V's encode of `batch` frames at once (lever 2: batching the agent)."""
+    frames = np.random.default_rng(0).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        vae.encode_frames(frames)  # warm-up
+        start = time.perf_counter()
+        for _ in range(calls):
+            vae.encode_frames(frames)
+    return 1000 * (time.perf_counter() - start) / (calls * batch)
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=positive_int, default=2, help="pool workers (default 2)")
@@ -129,7 +140,9 @@ def main() -> None:
             rates["old path (k=1)"].append(generation(str(Path(tmp) / "k1"), config, 1, workers, candidates, seeds, args.max_frames))
             rates[f"default (k={k})"].append(generation(str(Path(tmp) / "kk"), config, k, workers, candidates, seeds, args.max_frames))
             rates[f"ceiling (bare env, k={k})"].append(workers * bare_env(k, 4000, r))
-        split = agent_split(Agent(*load_world(Path(tmp) / "kk")[:2], Controller(**config)), k, 300)
+        vae, mdrnn, _ = load_world(Path(tmp) / "kk")
+        split = agent_split(Agent(vae, mdrnn, Controller(**config)), k, 300)
+        batched = {batch: encode_ms(vae, batch) for batch in (1, 4)}
 
     mean = {name: float(np.mean(values)) for name, values in rates.items()}
     old, default, ceiling = mean.values()
@@ -143,6 +156,8 @@ def main() -> None:
     agent_ms = split["resize"] + split["encode"] + split["mdrnn_ctrl"]
     print(f"one agent step (k={k} frames) in this process: env.step {split['env']:.2f} ms, agent {agent_ms:.2f} ms "
           f"(resize {split['resize']:.2f} + V encode {split['encode']:.2f} + M step & C {split['mdrnn_ctrl']:.2f})")
+    print(f"V encode per frame, one thread: {batched[1]:.2f} ms one frame at a time, {batched[4]:.2f} ms in batches of 4 "
+          f"({batched[1] / batched[4]:.1f}x; not used yet: batched floats differ from single ones by ~1e-8)")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 from data.rollouts import NoRolloutsError, dataset_paths
 from reporting.timing import read_timings
 from utils.checkpoint import load_checkpoint
-from utils.files import atomic_write
+from utils.files import atomic_write, remove_orphaned_temps
 from utils.logs import plt  # matplotlib on the headless Agg backend
 
 STAGE_ORDER = ["data", "vae", "mdrnn", "ctrl", "test"]
@@ -283,6 +283,7 @@ def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = 
     """Write L/report/report.md (and its pictures); returns its path. Never fails for missing pieces."""
     report = Report(Path(logdir))
     report.out.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(report.out)  # what a kill inside a write left behind
     report.add(f"# World Models run `{logdir}`", "",
                f"Built {datetime.now().astimezone().isoformat(timespec='seconds')} by `python -m reporting.report`.", "")
     score_section(report)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data.rollouts import load_rollout
 from utils.checkpoint import load_checkpoint
@@ -48,7 +49,7 @@ COMMANDS = {  # the tiny profile, as `make pipeline` would run it ({D}: dataset,
     "test": ["test_controller.py", "--logdir", "{L}", "--episodes", "2", "--max-steps", "24", "--workers", "2"],
 }
 OUTPUTS = {"data": "dataset", "vae": "logdir/vae", "mdrnn": "logdir/mdrnn", "ctrl": "logdir/ctrl", "test": "logdir/ctrl/eval"}
-CLOCK_COLUMNS = {"time_s", "wall_min", "frames_per_s", "dream_steps_per_s", "epoch_time_s", "sequences_per_s", "frames_per_s"}
+CLOCK_COLUMNS = {"time_s", "wall_min", "frames_per_s", "dream_steps_per_s", "epoch_time_s", "sequences_per_s"}
 CLOCK_KEYS = {"seconds", "log_rows"}  # checkpoint entries that hold wall time (log_rows: compared via log.csv)
 FIRST_KILL = {"data": 1, "vae": 3, "mdrnn": 4, "ctrl": 3, "test": 1}  # the kill point `make test` runs
 
@@ -124,7 +125,6 @@ def assert_loads(path: Path) -> None:
     elif path.suffix == ".csv":
         _csv_rows(path)
     elif path.suffix in (".png", ".gif"):
-        from PIL import Image
         with Image.open(path) as image:
             image.load()
 

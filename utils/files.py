@@ -3,8 +3,8 @@
 Every file the project writes (rollouts, checkpoints, caches, logs' plots, GIFs, reports)
 goes through `atomic_write`, so a kill at any moment leaves either the previous complete
 file or the new complete one, never a half file under the real name. The temporary a killed
-writer leaves behind is deleted by the next write of the same file, or by
-`remove_orphaned_temps` when a stage starts.
+writer leaves behind is deleted by `remove_orphaned_temps` when a stage starts (generation
+has `data.rollouts.remove_partial_files` for its rollouts).
 
 Fault injection (tests/test_faults.py): with WORLD_MODELS_KILL_AT_WRITE=N in the environment
 a process SIGKILLs itself inside its N-th atomic write, after the temporary file is written
@@ -13,7 +13,6 @@ and before the rename, the worst moment for a kill.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import signal
 from pathlib import Path
@@ -72,9 +71,6 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     global _writes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
-        if _orphaned(stale):  # left by a killed writer of this same file
-            stale.unlink(missing_ok=True)
     tmp = temp_name(path)
     try:
         with open(tmp, mode) as handle:
