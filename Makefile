@@ -44,7 +44,7 @@ POP_SIZE ?= 24
 # episodes (tracks) per candidate; fitness is their mean
 N_SAMPLES ?= 4
 # CMA-ES generations, counted across resumes
-GENERATIONS ?= 80
+GENERATIONS ?= 100
 # evaluate the CMA-ES mean every this many generations (the best evaluation becomes ctrl/best.pt)
 EVAL_EVERY ?= 5
 # fresh tracks per evaluation

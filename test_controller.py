@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--record", metavar="FILE", type=writable_file, help="write episode 0 as an animated GIF to FILE")
     parser.add_argument("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help=f"steps per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
     parser.add_argument("--workers", type=int_in(1, 100_000), default=os.cpu_count() or 1, help="worker processes (default: all CPU cores)")
+    parser.add_argument("--envs-per-worker", type=int_in(1, 1024), default=4, help="episodes a worker drives side by side as one batch (default 4)")
     parser.add_argument("--task-timeout", type=positive_float, default=300.0, help="seconds one episode may take before its worker is replaced (default 300)")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
     add_backend_args(parser)
@@ -88,13 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     # -- the rest, in parallel -------------------------------------------------------------------
     remaining = seeds[len(results):]
     if remaining:
-        workers = min(args.workers, len(remaining))
+        workers = min(args.workers, -(-len(remaining) // args.envs_per_worker))
         try:
-            with make_pool(args.backend, workers, init_worker, (args.logdir, fast, config, k), task_timeout=args.task_timeout,
+            with make_pool(args.backend, workers, init_worker, (args.logdir, fast, config, k, args.envs_per_worker),
+                           task_timeout=args.task_timeout * args.envs_per_worker,
                            log=lambda text: tqdm.write(text, file=sys.stderr), ray_address=args.ray_address) as pool, \
                     tqdm(total=len(remaining), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar:
                 _, returns, steps = evaluate_candidates(pool, [get_flat_params(controller)], remaining, args.max_steps,
-                                                        lambda i, r: bar.update())
+                                                        bar.update, envs_per_worker=args.envs_per_worker)
         except KeyboardInterrupt:
             print("\ninterrupted; nothing written", file=sys.stderr)
             sys.exit(130)

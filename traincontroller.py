@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--display", action="store_true", help="watch the current best C drive in a window (separate low-priority process)")
     parser.add_argument("--noreload", action="store_true", help="start a new search instead of resuming L/ctrl/last.pt")
     parser.add_argument("--seed", type=seed_int, default=0, help="seeds CMA-ES, the initial C and the track seeds (default 0)")
-    parser.add_argument("--task-timeout", type=positive_float, default=300.0, help="seconds one episode may take before its worker is presumed hung, replaced and the episode rerun (default 300)")
+    parser.add_argument("--envs-per-worker", type=int_in(1, 1024), default=4, help="episodes a worker drives side by side, V, M and C stepping them as one batch (default 4)")
+    parser.add_argument("--task-timeout", type=positive_float, default=300.0, help="seconds one episode may take before its worker is presumed hung, replaced and its episodes rerun (default 300)")
     parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
     add_backend_args(parser)  # --backend local|ray, --ray-address: where the real-env episodes run
     parser.add_argument("--dream", action="store_true", help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env")
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- scorers, display, log: dream mode scores candidates here and uses the pool only for evaluations
     dream = DreamEvaluator(args.logdir, args.temperature, -(-args.max_steps // k)) if args.dream else None  # M steps of k frames
-    workers = min(args.max_workers, args.eval_episodes if dream else args.pop_size * args.n_samples)
+    chunks = lambda episodes: -(-episodes // args.envs_per_worker)  # noqa: E731  tasks per candidate
+    tasks = chunks(args.eval_episodes) if dream else max(chunks(args.eval_episodes), args.pop_size * chunks(args.n_samples))
+    workers = min(args.max_workers, tasks)  # no more workers than one map has tasks
     reason, pool, display = stop_reason(search, args), None, None
     if reason is not None:
         print(f"nothing to do: {reason} (raise --generations to go on, or --noreload to start afresh)")
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 result = dream.evaluate(candidates, seeds)
                 bar.update(len(candidates) * len(seeds))
                 return result
-            return evaluate_candidates(pool, candidates, seeds, args.max_steps, lambda i, r: bar.update(), stall)
+            return evaluate_candidates(pool, candidates, seeds, args.max_steps, bar.update, stall, args.envs_per_worker)
 
     def evaluate_mean(generation: int) -> tuple[dict[str, float], int]:
         """Score the CMA-ES mean on fresh tracks, full episodes; best.pt if it is the best so far."""
@@ -210,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     repair = reason is not None and search.generation > 0 and not search.best_generation  # a finished search lost best.pt
     try:
         if reason is None or repair:  # workers load V, M and the env once, then run episodes until the end
-            pool = make_pool(args.backend, workers, init_worker, (args.logdir, not args.slow_env, config, k),
-                             task_timeout=args.task_timeout, log=lambda text: tqdm.write(text, file=sys.stderr),
+            pool = make_pool(args.backend, workers, init_worker, (args.logdir, not args.slow_env, config, k, args.envs_per_worker),
+                             task_timeout=args.task_timeout * args.envs_per_worker, log=lambda text: tqdm.write(text, file=sys.stderr),
                              ray_address=args.ray_address)
         if repair:
             print(f"re-evaluating the CMA-ES mean of generation {search.generation} to rewrite {best_path}")

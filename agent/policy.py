@@ -1,13 +1,15 @@
-"""The policy in the real env: raw frame -> V -> z -> C(z, h) -> action, with M carrying h.
+"""The policy in the real env: raw frames -> V -> z -> C(z, h) -> actions, with M carrying h.
 
-Everything runs on the CPU by default, one torch thread per process: an agent handles one
-frame at a time, and for a batch of one the VAE's small convolutions cost about a millisecond
-on a CPU core, less than a GPU's launch-and-copy latency per step. Parallelism comes from
-running whole episodes in separate pool workers instead.
+Everything runs on the CPU by default, one torch thread per process. An agent drives a small
+batch of episodes side by side (one env each) and V, C and M step them as one batch: for a
+batch of one the VAE's small convolutions cost about a millisecond per frame on a CPU core,
+as much as the env step, and a batch of four halves that. An episode's return is the same to
+the bit whether it ran alone or in a batch (Agent pads every batch to blocks of BLOCK rows).
+Parallelism beyond the batch comes from pool workers running separate tasks.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,12 +18,22 @@ from envs.carracing import MAX_EPISODE_STEPS, env_frames, to_model_frame
 from models.controller import Controller
 
 
-class Agent:
-    """Raw env frame -> action, carrying M's LSTM state between steps.
+BLOCK = 4  # V, M and C always see exactly this many rows at once (padded): see Agent
 
-    Per step: frame (96, 96, 3) -> model frame (64, 64, 3) -> z = mu of V (no sampling, so
-    an episode is a deterministic function of its seed) -> a = C(z, h) -> M steps on (z, a)
-    to give the h the controller sees next.
+
+class Agent:
+    """Raw env frames -> actions for a batch of episodes, carrying M's LSTM state between steps.
+
+    Per step: frames (B, 96, 96, 3) -> model frames (B, 64, 64, 3) -> z = mu of V (no sampling,
+    so an episode is a deterministic function of its seed) -> a = C(z, h) -> M steps on (z, a)
+    to give the h the controller sees next. One call encodes the whole batch: a batch-of-one
+    V encode costs about as much as the env step itself, a batch of 4 about half that per frame.
+
+    CarRacing is chaotic: an action that differs in its last bit changes a pixel a few steps
+    later and the track's outcome soon after. CPU kernels round differently for different
+    batch sizes (never for different neighbours in the batch), so V, M and C always run on
+    blocks of exactly BLOCK rows, padded: an episode's actions are then the same bits whether
+    it runs alone, beside others, or beside episodes that have already ended.
     """
 
     def __init__(self, vae: torch.nn.Module, mdrnn: torch.nn.Module, controller: Controller,
@@ -33,48 +45,65 @@ class Agent:
         self.hidden: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset()
 
-    def reset(self) -> None:
-        """Zero M's state: call at the start of every episode."""
-        self.hidden = self.mdrnn.initial_state(1, device=self.device)  # (h, c), each (1, H)
+    def reset(self, batch_size: int = 1) -> None:
+        """Zero M's state for `batch_size` new episodes: call at the start of every episode."""
+        rows = -(-batch_size // BLOCK) * BLOCK
+        self.hidden = self.mdrnn.initial_state(rows, device=self.device)  # (h, c), each (rows, H)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """One raw uint8 frame (96, 96, 3) -> action (3,) float32 inside the action box."""
-        frame = to_model_frame(obs)[None]  # (1, 64, 64, 3) uint8
-        z, _ = self.vae.encode_frames(frame)  # (1, L)
-        action = self.controller(z, self.hidden[0])  # (1, A)
-        self.hidden = self.mdrnn(z, action, self.hidden).hidden  # (h, c), each (1, H)
-        return action[0].cpu().numpy()
+        """Raw uint8 frames (B, 96, 96, 3), one per episode of the batch -> actions (B, 3) float32."""
+        frames = to_model_frame(obs)  # (B, 64, 64, 3)
+        padding = np.zeros((len(self.hidden[0]) - len(frames), *frames.shape[1:]), dtype=np.uint8)
+        z, _ = self.vae.encode_frames(np.concatenate([frames, padding]), batch_size=BLOCK)  # (rows, L)
+        actions, hidden = [], []
+        for z_block, h_block, c_block in zip(z.split(BLOCK), *(s.split(BLOCK) for s in self.hidden)):
+            action = self.controller(z_block, h_block)  # (BLOCK, A)
+            hidden.append(self.mdrnn(z_block, action, (h_block, c_block)).hidden)
+            actions.append(action)
+        self.hidden = tuple(torch.cat(states) for states in zip(*hidden))  # (h, c), each (rows, H)
+        return torch.cat(actions)[:len(frames)].cpu().numpy()
+
+
+def run_episodes(envs: Sequence, agent: Agent, seeds: Sequence[int], max_frames: int = MAX_EPISODE_STEPS,
+                 stall_frames: int | None = None, on_step: Callable[[], None] | None = None) -> list[tuple[float, int]]:
+    """Play one episode per env, on track seeds[i] in envs[i], side by side; [(total reward, env frames)].
+
+    The agent acts for all unfinished episodes at once, once per `env.step`, which is k frames
+    on an `ActionRepeat` env. An episode ends at termination (lap done, off the playfield),
+    truncation (the env's 1000-frame limit), after `max_frames`, or, with `stall_frames`
+    (training only), once no new tile was reached for that many frames: the frames left are
+    then charged -0.1 each, the return the episode would get if no tile came again. `on_step()`
+    runs after the reset and after every step.
+    """
+    n = len(seeds)
+    obs = [env.reset(seed=int(seed))[0] for env, seed in zip(envs, seeds)]
+    agent.reset(n)
+    if on_step is not None:
+        on_step()
+    totals, frames, tiles, progress_frame = [0.0] * n, [0] * n, [0] * n, [0] * n
+    live = [max_frames > 0] * n  # which episodes are still running
+    while any(live):
+        actions = agent.act(np.stack(obs))  # (n, A); an ended episode's row is computed and ignored
+        for i in [i for i in range(n) if live[i]]:
+            obs[i], reward, terminated, truncated, info = envs[i].step(actions[i])
+            totals[i] += float(reward)
+            frames[i] += env_frames(info)
+            ended = terminated or truncated or frames[i] >= max_frames
+            if not ended and stall_frames is not None:
+                track = envs[i].unwrapped
+                if track.tile_visited_count > tiles[i]:
+                    tiles[i], progress_frame[i] = track.tile_visited_count, frames[i]
+                elif frames[i] - progress_frame[i] >= stall_frames:
+                    totals[i] -= 0.1 * max(min(max_frames, MAX_EPISODE_STEPS) - frames[i], 0)
+                    ended = True
+            live[i] = not ended
+        if on_step is not None:
+            on_step()
+    return list(zip(totals, frames))
 
 
 def run_episode(env, agent: Agent, seed: int, max_frames: int = MAX_EPISODE_STEPS,
                 on_step: Callable[[], None] | None = None, stall_frames: int | None = None) -> tuple[float, int]:
-    """Play one episode on track `seed`; returns (total reward, env frames played).
-
-    The agent acts once per `env.step`, which is k frames on an `ActionRepeat` env. Ends at
-    termination (lap done, off the playfield), truncation (the env's 1000-frame limit), after
-    `max_frames`, or, with `stall_frames` (training only), once no new tile was reached for
-    that many frames: the frames left are then charged -0.1 each, the return the episode
-    would get if no tile came again. `on_step()` runs after the reset and after every step.
-    """
-    obs, _ = env.reset(seed=int(seed))
-    agent.reset()
-    if on_step is not None:
-        on_step()
-    track = env.unwrapped
-    total, frames, tiles, progress_frame = 0.0, 0, 0, 0
-    while frames < max_frames:
-        obs, reward, terminated, truncated, info = env.step(agent.act(obs))
-        total += float(reward)
-        frames += env_frames(info)
-        if on_step is not None:
-            on_step()
-        if terminated or truncated:
-            break
-        if stall_frames is not None:
-            if track.tile_visited_count > tiles:
-                tiles, progress_frame = track.tile_visited_count, frames
-            elif frames - progress_frame >= stall_frames:
-                total -= 0.1 * max(min(max_frames, MAX_EPISODE_STEPS) - frames, 0)
-                break
-    return total, frames
+    """One episode on track `seed` (run_episodes with a batch of one); returns (total reward, env frames)."""
+    return run_episodes([env], agent, [seed], max_frames, stall_frames, on_step)[0]

@@ -25,7 +25,7 @@ from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
-from agent.policy import Agent, run_episode
+from agent.policy import BLOCK, Agent, run_episode, run_episodes
 from agent.population import evaluate_candidates, init_worker
 from agent.seeds import train_seeds
 from agent.search import Search
@@ -116,7 +116,7 @@ def test_actions_stay_in_action_space(world, scale):
     agent, env = Agent(vae, mdrnn, controller), make_env()
     obs, _ = env.reset(seed=1)
     for _ in range(10):
-        action = agent.act(obs)
+        action = agent.act(obs[None])[0]  # a batch of one
         assert action.shape == (3,) and action.dtype == np.float32
         assert env.action_space.contains(action), action
         obs, *_ = env.step(action)
@@ -333,7 +333,7 @@ def _drive(env, agent: Agent, seed: int, k: int, frames: int) -> tuple[float, in
     agent.reset()
     total, played = 0.0, 0
     while played < frames:
-        action = agent.act(obs)
+        action = agent.act(obs[None])[0]
         for _ in range(k):
             obs, reward, terminated, truncated, _ = env.step(action)
             total, played = total + float(reward), played + 1
@@ -353,6 +353,31 @@ def test_agent_at_k_equals_stepping_by_hand(world, k):
         assert run_episode(repeated, agent, seed, 120) == _drive(plain, agent, seed, k, 120)
     repeated.close()
     plain.close()
+
+
+@pytest.mark.parametrize("stall_frames", [None, 20])
+def test_batched_episodes_return_the_same_as_single_ones(world, stall_frames):
+    """Episodes driven side by side (V, M and C batched) give, bit for bit, what each gives alone,
+    also when some end early (stall cut) and the batch spans two blocks; and the pool's returns
+    do not depend on how many envs a worker drives."""
+    vae, mdrnn, config = load_world(world)
+    params = np.random.default_rng(9).normal(0, 0.3, count_params(Controller(**config)))
+    agent = Agent(vae, mdrnn, set_flat_params(Controller(**config), params))
+    seeds = [11, 12, 13, 14, 15, 16]  # BLOCK + 2: a full block and a padded one
+    envs = [make_env(action_repeat=4) for _ in seeds]
+    batched = run_episodes(envs, agent, seeds, 160, stall_frames)
+    single = [run_episode(envs[0], agent, seed, 160, stall_frames=stall_frames) for seed in seeds]
+    assert batched == single and len(seeds) > BLOCK
+    frames = [n for _, n in batched]
+    assert min(frames) < max(frames) if stall_frames else set(frames) == {160}  # cut ones ended while others went on
+    for env in envs:
+        env.close()
+    by_workers = []
+    for envs_per_worker in (1, 4):
+        with WorkerPool(2, init_worker, (str(world), True, config, 4, envs_per_worker), task_timeout=120) as pool:
+            by_workers.append(evaluate_candidates(pool, [params], seeds, 160, None, stall_frames, envs_per_worker)[1])
+    np.testing.assert_array_equal(by_workers[0], by_workers[1])
+    assert by_workers[0][0].tolist() == [r for r, _ in single]
 
 
 def test_stalled_training_episodes_stop_early_but_evaluations_play_in_full(world):
