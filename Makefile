@@ -24,6 +24,8 @@ ROLLOUTS ?= 640
 ROLLOUT_STEPS ?= 1000
 # worker processes for data generation, controller training and the test episodes
 THREADS ?= 2
+# episodes one controller/test worker drives side by side, V, M and C stepping them as one batch
+ENVS_PER_WORKER ?= 4
 # where those workers run: local processes, or Ray actors (BACKEND=ray; RAY_ADDRESS=HOST:PORT joins a cluster)
 BACKEND ?= local
 RAY_ADDRESS ?=
@@ -127,12 +129,12 @@ mdrnn: $(VENV_DEP)
 ctrl: $(VENV_DEP)
 	$(TIMED) ctrl -- $(PY) traincontroller.py --logdir $(LOGDIR) --pop-size $(POP_SIZE) --n-samples $(N_SAMPLES) \
 		--generations $(GENERATIONS) --eval-every $(EVAL_EVERY) --eval-episodes $(EVAL_EPISODES) \
-		--max-steps $(EPISODE_STEPS) --max-workers $(THREADS) $(CTRL_FLAGS) $(POOL_FLAGS) $(NORELOAD)
+		--max-steps $(EPISODE_STEPS) --max-workers $(THREADS) --envs-per-worker $(ENVS_PER_WORKER) $(CTRL_FLAGS) $(POOL_FLAGS) $(NORELOAD)
 
 # always reruns (no resume): the score must be of the current ctrl/best.pt
 evaluate: $(VENV_DEP)
 	$(TIMED) test -- $(PY) test_controller.py --logdir $(LOGDIR) --episodes $(TEST_EPISODES) --max-steps $(EPISODE_STEPS) \
-		--workers $(THREADS) --record $(LOGDIR)/ctrl/eval/episode.gif $(POOL_FLAGS)
+		--workers $(THREADS) --envs-per-worker $(ENVS_PER_WORKER) --record $(LOGDIR)/ctrl/eval/episode.gif $(POOL_FLAGS)
 
 report: $(VENV_DEP)
 	$(PY) -m reporting.report --logdir $(LOGDIR) --dataset $(DATASET)

@@ -6,13 +6,14 @@ Each generation CMA-ES proposes --pop-size flat parameter vectors; each is score
 return over --n-samples episodes, on the same tracks for every candidate (common random
 numbers: differences in fitness are then differences in driving, not in track luck). The
 episodes run in a worker pool (pool.make_pool: local processes, or Ray actors with
---backend ray), one episode per task, so a crashed or hung worker costs one rerun episode.
+--backend ray): a task is one candidate on --envs-per-worker tracks, driven side by side with
+V, M and C batched, so a crashed or hung worker costs one rerun task.
 Every --eval-every generations (and at the end) the CMA-ES mean is scored on
 --eval-episodes fresh tracks; the best of those becomes best.pt.
 
-Workers run on the CPU, one thread each: an agent encodes one frame per step, which a CPU
-core does in about a millisecond, so a GPU would add latency and a CUDA context per worker
-without speeding anything up (see agent/policy.py).
+Workers run on the CPU, one thread each: an agent encodes a handful of frames per step, which
+a CPU core does in a few milliseconds, so a GPU would add latency and a CUDA context per
+worker without speeding anything up (see agent/policy.py).
 
 Checkpoints (torch.load(weights_only=True) safe):
   L/ctrl/last.pt  the search (agent/search.py): {"search": settings, "config", "generation",

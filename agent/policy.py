@@ -37,8 +37,9 @@ class Agent:
     """
 
     def __init__(self, vae: torch.nn.Module, mdrnn: torch.nn.Module, controller: Controller,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", block: int = BLOCK) -> None:
         self.device = torch.device(device)
+        self.block = block  # rows per V, M and C call; only the benchmark's old path changes it
         self.vae = vae.to(self.device).eval()
         self.mdrnn = mdrnn.to(self.device).eval()
         self.controller = controller.to(self.device).eval()
@@ -47,7 +48,7 @@ class Agent:
 
     def reset(self, batch_size: int = 1) -> None:
         """Zero M's state for `batch_size` new episodes: call at the start of every episode."""
-        rows = -(-batch_size // BLOCK) * BLOCK
+        rows = -(-batch_size // self.block) * self.block
         self.hidden = self.mdrnn.initial_state(rows, device=self.device)  # (h, c), each (rows, H)
 
     @torch.no_grad()
@@ -55,10 +56,10 @@ class Agent:
         """Raw uint8 frames (B, 96, 96, 3), one per episode of the batch -> actions (B, 3) float32."""
         frames = to_model_frame(obs)  # (B, 64, 64, 3)
         padding = np.zeros((len(self.hidden[0]) - len(frames), *frames.shape[1:]), dtype=np.uint8)
-        z, _ = self.vae.encode_frames(np.concatenate([frames, padding]), batch_size=BLOCK)  # (rows, L)
+        z, _ = self.vae.encode_frames(np.concatenate([frames, padding]), batch_size=self.block)  # (rows, L)
         actions, hidden = [], []
-        for z_block, h_block, c_block in zip(z.split(BLOCK), *(s.split(BLOCK) for s in self.hidden)):
-            action = self.controller(z_block, h_block)  # (BLOCK, A)
+        for z_block, h_block, c_block in zip(z.split(self.block), *(s.split(self.block) for s in self.hidden)):
+            action = self.controller(z_block, h_block)  # (block, A)
             hidden.append(self.mdrnn(z_block, action, (h_block, c_block)).hidden)
             actions.append(action)
         self.hidden = tuple(torch.cat(states) for states in zip(*hidden))  # (h, c), each (rows, H)

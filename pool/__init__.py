@@ -2,7 +2,7 @@
 
     from pool import make_pool
     with make_pool("local", 4, init_worker, (logdir, True, config), task_timeout=600) as pool:
-        returns = pool.map(episode_task, tasks, on_result=lambda index, result: bar.update())
+        returns = pool.map(episodes_task, tasks, on_result=lambda index, result: bar.update())
 
 A pool never hangs and never loses work silently: a task that raises stops the map with
 the worker's traceback (WorkerError); a worker that dies or runs past `task_timeout` is

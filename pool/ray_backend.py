@@ -2,7 +2,7 @@
 
     from pool import make_pool
     with make_pool("ray", 64, init_worker, (logdir, True, config), ray_address="10.0.0.1:6379") as pool:
-        returns = pool.map(episode_task, tasks)
+        returns = pool.map(episodes_task, tasks)
 
 One Ray actor per worker, each its own process holding 1 CPU: it runs `initializer(*initargs)`
 once (load V and M, make an env: the initializers set module globals, and an actor process

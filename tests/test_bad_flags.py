@@ -55,9 +55,9 @@ BAD = {
     "traincontroller": [("--pop-size", "1"), ("--n-samples", "0"), ("--generations", "-2"), ("--sigma0", "0"),
                         ("--sigma0", "inf"), ("--target-return", "nan"), ("--max-steps", "1000000"), ("--action-repeat", "0"),
                         ("--stall-frames", "-1"), ("--task-timeout", "-1"), ("--temperature", "inf"), ("--seed", "-1"),
-                        ("--max-workers", "0"), ("--backend", "mpi"), ("--logdir", UNMAKEABLE)],
+                        ("--max-workers", "0"), ("--envs-per-worker", "0"), ("--backend", "mpi"), ("--logdir", UNMAKEABLE)],
     "test_controller": [("--episodes", "0"), ("--max-steps", "5000"), ("--seed", "-3"), ("--workers", "-1"),
-                        ("--record", "/"), ("--record", UNMAKEABLE + "/a.gif"), ("--logdir", A_FILE), ("--task-timeout", "nan")],
+                        ("--record", "/"), ("--record", UNMAKEABLE + "/a.gif"), ("--logdir", A_FILE), ("--task-timeout", "nan"), ("--envs-per-worker", "2000")],
     "generation": [("--threads", "0"), ("--seed", "-1"), ("--max-steps", "10000000"), ("--action-repeat", "0"),
                    ("--policy", "pink"), ("--rootdir", A_FILE), ("--rootdir", UNMAKEABLE)],
 }
