@@ -10,7 +10,7 @@
 #
 # Override any setting on the command line: make pipeline LOGDIR=runs/big ROLLOUTS=400 GENERATIONS=60
 
-# ---- the default profile: a 2-core CPU, no GPU, 108 minutes, 798.7 ± 145.6 over 100 held-out tracks (README, Results) ----
+# ---- the default profile: a 2-core CPU, no GPU, 95 minutes, 817.2 ± 131.6 over 100 held-out tracks (README, Results) ----
 # run folder: vae/, mdrnn/, ctrl/ (checkpoints, logs, curves) and report/
 LOGDIR ?= logs
 # the agent acts every this many env frames (frames between are not drawn): rollouts, M, the dream and C
@@ -41,7 +41,7 @@ CTRL_MODE ?= real
 TEMPERATURE ?= 1.15
 # a training episode ends after this many frames without a new tile (-0.1 per frame left); 0: never
 STALL_FRAMES ?= 100
-# CMA-ES population                          ctrl:  80 generations of 24 x 4 (+ 16 x 16 evaluations), 92 min
+# CMA-ES population                          ctrl:  100 generations of 24 x 4 (+ 20 x 16 evaluations), 79 min
 POP_SIZE ?= 24
 # episodes (tracks) per candidate; fitness is their mean
 N_SAMPLES ?= 4
@@ -53,7 +53,7 @@ EVAL_EVERY ?= 5
 EVAL_EPISODES ?= 16
 # steps per controller / test episode at most (1000 is the env's limit)
 EPISODE_STEPS ?= 1000
-# held-out test episodes                      test:  100 x 1000 frames at k=4 + the GIF, 1.7 min
+# held-out test episodes                      test:  100 x 1000 frames at k=4 + the GIF, 1.2 min
 TEST_EPISODES ?= 100
 # --noreload makes every stage start afresh instead of resuming (smoke sets it)
 NORELOAD ?=

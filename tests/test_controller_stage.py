@@ -355,8 +355,7 @@ def test_agent_at_k_equals_stepping_by_hand(world, k):
     plain.close()
 
 
-@pytest.mark.parametrize("stall_frames", [None, 20])
-def test_batched_episodes_return_the_same_as_single_ones(world, stall_frames):
+def test_batched_episodes_return_the_same_as_single_ones(world):
     """Episodes driven side by side (V, M and C batched) give, bit for bit, what each gives alone,
     also when some end early (stall cut) and the batch spans two blocks; and the pool's returns
     do not depend on how many envs a worker drives."""
@@ -365,11 +364,11 @@ def test_batched_episodes_return_the_same_as_single_ones(world, stall_frames):
     agent = Agent(vae, mdrnn, set_flat_params(Controller(**config), params))
     seeds = [11, 12, 13, 14, 15, 16]  # BLOCK + 2: a full block and a padded one
     envs = [make_env(action_repeat=4) for _ in seeds]
+    stall_frames = 20  # training's cut: episodes of different lengths
     batched = run_episodes(envs, agent, seeds, 160, stall_frames)
     single = [run_episode(envs[0], agent, seed, 160, stall_frames=stall_frames) for seed in seeds]
     assert batched == single and len(seeds) > BLOCK
-    frames = [n for _, n in batched]
-    assert min(frames) < max(frames) if stall_frames else set(frames) == {160}  # cut ones ended while others went on
+    assert len({n for _, n in batched}) > 1  # some episodes ended while others went on
     for env in envs:
         env.close()
     by_workers = []
