@@ -1,6 +1,6 @@
 """The controller stage's speed: env frames per second, today's default against the old path and the ceiling.
 
-    python bench/bench_controller.py [--workers 2 --pop-size 4 --n-samples 4 --action-repeat 4]
+    python bench/bench_controller.py [--workers 2 --pop-size 8 --n-samples 4 --action-repeat 4]
 
 All are measured in the same run, alternating, so a change in the machine's load shows in
 each alike:
@@ -120,7 +120,7 @@ def encode_ms(vae: VAE, batch: int, calls: int = 100) -> float:
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=positive_int, default=2, help="pool workers (default 2)")
-    parser.add_argument("--pop-size", type=positive_int, default=4, help="candidates per generation (default 4)")
+    parser.add_argument("--pop-size", type=positive_int, default=8, help="candidates per generation (default 8: 8 tasks, 4 per worker)")
     parser.add_argument("--n-samples", type=positive_int, default=4, help="tracks per candidate (default 4, as traincontroller's)")
     parser.add_argument("--envs-per-worker", type=positive_int, default=4, help="the default's episodes per worker batch (default 4)")
     parser.add_argument("--action-repeat", type=int_in(2, 50), default=4, help="the default k (default 4)")
