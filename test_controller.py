@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from agent.display import WindowClosed, check_window_open, open_window_env
 from agent.policy import Agent, run_episode
-from agent.population import evaluate_candidates, init_worker
+from agent.population import evaluate_candidates, init_worker, task_count
 from agent.seeds import holdout_seeds
 from agent.world import load_best_controller, load_world
 from envs.carracing import MAX_EPISODE_STEPS, make_env
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- the rest, in parallel -------------------------------------------------------------------
     remaining = seeds[len(results):]
     if remaining:
-        workers = min(args.workers, -(-len(remaining) // args.envs_per_worker))
+        workers = min(args.workers, task_count(1, len(remaining), args.envs_per_worker))
         try:
             with make_pool(args.backend, workers, init_worker, (args.logdir, fast, config, k, args.envs_per_worker),
                            task_timeout=args.task_timeout * args.envs_per_worker,

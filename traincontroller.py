@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from agent.display import display_problem, watch_best
 from agent.dream import DreamEvaluator
-from agent.population import evaluate_candidates, init_worker
+from agent.population import evaluate_candidates, init_worker, task_count
 from agent.search import Search
 from agent.seeds import eval_seeds, train_seeds
 from agent.world import load_world, world_action_repeat
@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- scorers, display, log: dream mode scores candidates here and uses the pool only for evaluations
     dream = DreamEvaluator(args.logdir, args.temperature, -(-args.max_steps // k)) if args.dream else None  # M steps of k frames
-    chunks = lambda episodes: -(-episodes // args.envs_per_worker)  # noqa: E731  tasks per candidate
-    tasks = chunks(args.eval_episodes) if dream else max(chunks(args.eval_episodes), args.pop_size * chunks(args.n_samples))
+    tasks = task_count(1, args.eval_episodes, args.envs_per_worker)  # an evaluation's map
+    if not dream:  # and a generation's
+        tasks = max(tasks, task_count(args.pop_size, args.n_samples, args.envs_per_worker))
     workers = min(args.max_workers, tasks)  # no more workers than one map has tasks
     reason, pool, display = stop_reason(search, args), None, None
     if reason is not None:

@@ -39,6 +39,11 @@ def episodes_task(params: np.ndarray, seeds: list[int], max_frames: int, stall_f
     return run_episodes(_WORKER["envs"][:len(seeds)], agent, seeds, max_frames, stall_frames)
 
 
+def task_count(candidates: int, episodes: int, envs_per_worker: int) -> int:
+    """Tasks in one `evaluate_candidates` map: each candidate's episodes cut in runs of envs_per_worker."""
+    return candidates * -(-episodes // envs_per_worker)
+
+
 def evaluate_candidates(pool, candidates: Sequence[np.ndarray], seeds: Sequence[int], max_frames: int,
                         on_episodes: Callable[[int], None] | None = None, stall_frames: int | None = None,
                         envs_per_worker: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -356,14 +356,24 @@ def test_agent_at_k_equals_stepping_by_hand(world, k):
 
 
 def test_batched_episodes_return_the_same_as_single_ones(world):
-    """Episodes driven side by side (V, M and C batched) give, bit for bit, what each gives alone,
-    also when some end early (stall cut) and the batch spans two blocks; and the pool's returns
-    do not depend on how many envs a worker drives."""
+    """Episodes driven side by side (V, M and C batched) give, bit for bit, what each gives alone:
+    the actions step by step (an unpadded batch of 6 differs here in the last bits, which short
+    random-world episodes would not show in their returns), and the returns, also when some end
+    early (stall cut) and the batch spans two blocks; and the pool's returns do not depend on
+    how many envs a worker drives."""
     vae, mdrnn, config = load_world(world)
     params = np.random.default_rng(9).normal(0, 0.3, count_params(Controller(**config)))
     agent = Agent(vae, mdrnn, set_flat_params(Controller(**config), params))
     seeds = [11, 12, 13, 14, 15, 16]  # BLOCK + 2: a full block and a padded one
     envs = [make_env(action_repeat=4) for _ in seeds]
+    frames = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])  # (6, 96, 96, 3)
+    alone = [Agent(vae, mdrnn, agent.controller) for _ in seeds]
+    agent.reset(len(seeds))
+    for single in alone:
+        single.reset(1)
+    for _ in range(3):  # M's state carried along, row by row
+        together = agent.act(frames)  # (6, 3)
+        assert np.array_equal(together, np.concatenate([single.act(frames[i:i + 1]) for i, single in enumerate(alone)]))
     stall_frames = 20  # training's cut: episodes of different lengths
     batched = run_episodes(envs, agent, seeds, 160, stall_frames)
     single = [run_episode(envs[0], agent, seed, 160, stall_frames=stall_frames) for seed in seeds]
