@@ -9,12 +9,13 @@ reward MSE + done BCE. Writes `L/mdrnn/{last,best}.pt`, `log.csv`, `curves.png` 
 `prediction.png` (predicted vs true next latents and rewards on a test rollout). Resumes from
 `last.pt` unless --noreload.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,36 +25,74 @@ from data.loaders import SequenceDataset
 from envs.carracing import ACTION_SIZE
 from models.mdrnn import MDRNN, mdrnn_loss
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
+from utils.cli import (
+    ArgumentParser,
+    device_name,
+    error_line,
+    fail,
+    int_in,
+    non_negative_float,
+    non_negative_int,
+    one_line_warnings,
+    positive_float,
+    positive_int,
+    seed_int,
+    stage_command,
+    writable_dir,
+)
 from utils.files import atomic_write
 from utils.logs import plt
-from utils.cli import ArgumentParser, device_name, error_line, fail, int_in, non_negative_float, non_negative_int, one_line_warnings, positive_float, positive_int, seed_int, stage_command, writable_dir
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--logdir", type=writable_dir, required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/")
-    p.add_argument("--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)")
-    p.add_argument("--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt")
+    p = ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--logdir", type=writable_dir, required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/"
+    )
+    p.add_argument(
+        "--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)"
+    )
+    p.add_argument(
+        "--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt"
+    )
     p.add_argument("--epochs", type=positive_int, default=30, help="epochs in all, counted across resumes")
     p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="sequences per batch")
-    p.add_argument("--seq-len", type=int_in(1, 10_000), default=32, help="steps per training sequence (truncated BPTT)")
+    p.add_argument(
+        "--seq-len", type=int_in(1, 10_000), default=32, help="steps per training sequence (truncated BPTT)"
+    )
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--hidden-size", type=int_in(1, 8192), default=256, help="LSTM hidden size")
-    p.add_argument("--gaussians", type=int_in(1, 256), default=5, help="mixture components per latent dimension")
-    p.add_argument("--reward-weight", type=non_negative_float, default=1.0, help="weight of the reward MSE in the loss")
-    p.add_argument("--done-weight", type=non_negative_float, default=1.0, help="weight of the done BCE in the loss")
+    p.add_argument(
+        "--gaussians", type=int_in(1, 256), default=5, help="mixture components per latent dimension"
+    )
+    p.add_argument(
+        "--reward-weight", type=non_negative_float, default=1.0, help="weight of the reward MSE in the loss"
+    )
+    p.add_argument(
+        "--done-weight", type=non_negative_float, default=1.0, help="weight of the done BCE in the loss"
+    )
     p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0 disables)")
-    p.add_argument("--patience", type=non_negative_int, default=10, help="early stopping after this many epochs without test improvement (0 disables)")
+    p.add_argument(
+        "--patience",
+        type=non_negative_int,
+        default=10,
+        help="early stopping after this many epochs without test improvement (0 disables)",
+    )
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of weights, batch order and latent sampling")
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of weights, batch order and latent sampling"
+    )
     return p.parse_args(argv)
 
 
-def sample_z(batch: dict[str, torch.Tensor], device: torch.device, generator: torch.Generator | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_z(
+    batch: dict[str, torch.Tensor], device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw z = mu + sigma * eps for the batch's steps and their next steps -> (z_t, z_{t+1}).
 
     One draw per frame: the window's S frames plus the frame after its last step form S+1
@@ -68,22 +107,37 @@ def sample_z(batch: dict[str, torch.Tensor], device: torch.device, generator: to
     return z[:, :-1], z[:, 1:]
 
 
-def batch_loss(model: MDRNN, batch: dict[str, torch.Tensor], device: torch.device, reward_weight: float,
-               done_weight: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def batch_loss(
+    model: MDRNN,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    reward_weight: float,
+    done_weight: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Forward one batch of cached latents; the GMM term is masked by next_mask (no frame
     follows a rollout's last step), reward and done by mask (padding of short windows)."""
     z, next_z = sample_z(batch, device, generator)  # (B, S, L) each
     out = model(z, batch["actions"].to(device))  # heads (B, S, L, K), reward/done (B, S)
-    return mdrnn_loss(out, next_z, batch["rewards"].to(device), batch["terminals"].to(device),
-                      mask=batch["mask"].to(device), reward_weight=reward_weight, done_weight=done_weight,
-                      next_mask=batch["next_mask"].to(device))
+    return mdrnn_loss(
+        out,
+        next_z,
+        batch["rewards"].to(device),
+        batch["terminals"].to(device),
+        mask=batch["mask"].to(device),
+        reward_weight=reward_weight,
+        done_weight=done_weight,
+        next_mask=batch["next_mask"].to(device),
+    )
 
 
-def make_steps(model: MDRNN, optimizer: torch.optim.Optimizer, device: torch.device, args: argparse.Namespace
-               ) -> tuple[Callable, Callable]:
+def make_steps(
+    model: MDRNN, optimizer: torch.optim.Optimizer, device: torch.device, args: argparse.Namespace
+) -> tuple[Callable, Callable]:
     """train_step / test_step for utils.training.fit. Training noise comes from the global
     torch RNG (saved in last.pt: exact resumes); the test pass redraws the same noise every
     epoch (generator reseeded when a pass starts, see FixedNoise) so test losses compare."""
+
     def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
         losses = batch_loss(model, batch, device, args.reward_weight, args.done_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -94,7 +148,9 @@ def make_steps(model: MDRNN, optimizer: torch.optim.Optimizer, device: torch.dev
         return {k: v.item() for k, v in losses.items()} | {"items": len(batch["mask"])}
 
     def test_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        losses = batch_loss(model, batch, device, args.reward_weight, args.done_weight, batch.pop("generator"))
+        losses = batch_loss(
+            model, batch, device, args.reward_weight, args.done_weight, batch.pop("generator")
+        )
         return {k: v.item() for k, v in losses.items()} | {"items": len(batch["mask"])}
 
     return train_step, test_step
@@ -114,7 +170,9 @@ class FixedNoise:
 
 
 @torch.no_grad()
-def plot_prediction(model: MDRNN, rollout: dict[str, np.ndarray], path: Path, device: torch.device, dims: int = 4) -> None:
+def plot_prediction(
+    model: MDRNN, rollout: dict[str, np.ndarray], path: Path, device: torch.device, dims: int = 4
+) -> None:
     """Predicted (mixture mean) vs true next latent mu for a few dims, and predicted vs true
     reward, along one test rollout fed with z = mu (deterministic, so plots compare)."""
     mu = torch.from_numpy(rollout["mu"]).to(device)[None]  # (1, T, L)
@@ -163,49 +221,77 @@ def train(args: argparse.Namespace) -> int:
     rollouts = load_latent_cache(args.logdir, vae_config.get("test_fraction", 0.1), vae_config.get("seed", 0))
     train_rollouts, test_rollouts = split_latents(rollouts)
     if not train_rollouts or not test_rollouts:
-        fail(f"need at least 2 usable rollouts under {args.dataset} for a train/test split, found {len(rollouts)}; "
-             f"make more with: {stage_command('data', dataset=args.dataset)}")
+        fail(
+            f"need at least 2 usable rollouts under {args.dataset} for a train/test split, found {len(rollouts)}; "
+            f"make more with: {stage_command('data', dataset=args.dataset)}"
+        )
     if not args.noreload and (stage / LAST).exists():
         try:
             previous = load_checkpoint(stage / LAST).get("vae_fingerprint")
         except Exception as error:  # damaged or foreign: one line, as the resume itself would say
             fail(f"cannot resume from {stage / LAST} ({error_line(error)}); use --noreload to start afresh")
         if previous is not None and previous != v_print:
-            fail(f"{stage / LAST} was trained on the latents of another V ({Path(args.logdir) / 'vae' / 'best.pt'} changed since); use --noreload to start afresh")
+            fail(
+                f"{stage / LAST} was trained on the latents of another V ({Path(args.logdir) / 'vae' / 'best.pt'} changed since); use --noreload to start afresh"
+            )
 
     config = {
-        "latent_size": int(vae_config["latent_size"]), "action_size": ACTION_SIZE,
-        "hidden_size": args.hidden_size, "gaussians": args.gaussians,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
-        "reward_weight": args.reward_weight, "done_weight": args.done_weight, "grad_clip": args.grad_clip,
-        "seed": args.seed, "dataset": str(args.dataset),
+        "latent_size": int(vae_config["latent_size"]),
+        "action_size": ACTION_SIZE,
+        "hidden_size": args.hidden_size,
+        "gaussians": args.gaussians,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "reward_weight": args.reward_weight,
+        "done_weight": args.done_weight,
+        "grad_clip": args.grad_clip,
+        "seed": args.seed,
+        "dataset": str(args.dataset),
         "action_repeat": int(meta.get("action_repeat", 1)),  # env frames per M step, from the rollouts
     }
     model = MDRNN(**{k: config[k] for k in SIZE_KEYS}).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
     next_keys = ("mu", "logsigma")
-    train_data = SequenceDataset(train_rollouts, args.seq_len, args.batch_size, shuffle=True, next_keys=next_keys, seed=args.seed)
-    test_data = SequenceDataset(test_rollouts, args.seq_len, args.batch_size, shuffle=False, next_keys=next_keys)
+    train_data = SequenceDataset(
+        train_rollouts, args.seq_len, args.batch_size, shuffle=True, next_keys=next_keys, seed=args.seed
+    )
+    test_data = SequenceDataset(
+        test_rollouts, args.seq_len, args.batch_size, shuffle=False, next_keys=next_keys
+    )
     train_step, test_step = make_steps(model, optimizer, device, args)
     plot_rollout = next(r for r in rollouts if r["test"])
 
     run = TrainingRun(
-        stage_dir=stage, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
-        train_data=train_data, test_data=FixedNoise(test_data, device, args.seed),
-        train_step=train_step, test_step=test_step, metrics=["gmm", "reward", "done"],
-        unit="sequence", patience=args.patience, config_keys=[*SIZE_KEYS, "action_repeat"],
+        stage_dir=stage,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=config,
+        train_data=train_data,
+        test_data=FixedNoise(test_data, device, args.seed),
+        train_step=train_step,
+        test_step=test_step,
+        metrics=["gmm", "reward", "done"],
+        unit="sequence",
+        patience=args.patience,
+        config_keys=[*SIZE_KEYS, "action_repeat"],
         on_epoch_end=lambda epoch, _: plot_prediction(model, plot_rollout, stage / "prediction.png", device),
         extra_state={"vae_fingerprint": v_print},
     )
     frames = sum(len(r["mu"]) for r in rollouts)
-    print(f"M: latent {config['latent_size']}, hidden {args.hidden_size}, {args.gaussians} gaussians, "
-          f"{config['action_repeat']} env frame(s) per step; "
-          f"{len(train_rollouts)} train / {len(test_rollouts)} test rollouts ({frames} frames) from {cache_path(args.logdir)}; device {device}")
+    print(
+        f"M: latent {config['latent_size']}, hidden {args.hidden_size}, {args.gaussians} gaussians, "
+        f"{config['action_repeat']} env frame(s) per step; "
+        f"{len(train_rollouts)} train / {len(test_rollouts)} test rollouts ({frames} frames) from {cache_path(args.logdir)}; device {device}"
+    )
     summary = fit(run, args.epochs, noreload=args.noreload)
-    print(f"done: {summary['epoch']} epochs{' (stopped early)' if summary['stopped_early'] else ''}, "
-          f"best test loss {summary['best_loss']:.5g}; M in {stage / 'best.pt'}, curves in {stage / 'curves.png'}, "
-          f"prediction plot in {stage / 'prediction.png'}")
+    print(
+        f"done: {summary['epoch']} epochs{' (stopped early)' if summary['stopped_early'] else ''}, "
+        f"best test loss {summary['best_loss']:.5g}; M in {stage / 'best.pt'}, curves in {stage / 'curves.png'}, "
+        f"prediction plot in {stage / 'prediction.png'}"
+    )
     return 0
 
 

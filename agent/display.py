@@ -2,6 +2,7 @@
 
 pygame is imported lazily: it is only needed when a window is asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,9 @@ def display_problem() -> str | None:
     """
     if os.environ.get("SDL_VIDEODRIVER", "") in ("dummy", "offscreen"):
         return None
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
         return "no display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
     return None
 
@@ -53,7 +56,10 @@ def open_window_env(fast: bool = True, seed: int = 0, action_repeat: int = 1):
             # SDL found no usable display (e.g. DISPLAY names a dead X server) and silently fell
             # back to an invisible one: for the user that is no window at all.
             env.close()
-            return None, f"no window could open (SDL fell back to its invisible '{driver}' driver; is DISPLAY/WAYLAND_DISPLAY reachable?)"
+            return (
+                None,
+                f"no window could open (SDL fell back to its invisible '{driver}' driver; is DISPLAY/WAYLAND_DISPLAY reachable?)",
+            )
         return env, None
     except Exception as error:  # pygame.error and friends: report, never crash the caller
         if env is not None:
@@ -83,8 +89,14 @@ def _pump_window(seconds: float) -> None:
         time.sleep(0.05)
 
 
-def watch_best(logdir: str, max_steps: int, seed: int, fast: bool = True, episodes: int | None = None,
-               action_repeat: int = 1) -> None:
+def watch_best(
+    logdir: str,
+    max_steps: int,
+    seed: int,
+    fast: bool = True,
+    episodes: int | None = None,
+    action_repeat: int = 1,
+) -> None:
     """Display process of traincontroller --display: drive the current best.pt in a window.
 
     Runs at nice 19 and at the window's 50 fps, so on a busy machine it takes only the CPU
@@ -120,8 +132,10 @@ def watch_best(logdir: str, max_steps: int, seed: int, fast: bool = True, episod
                     state = load_checkpoint(best_path)
                     agent.controller.load_state_dict(state["state_dict"])
                     seen = stamp
-                    pygame.display.set_caption(f"World Models: best C, generation {state.get('generation')}, "
-                                               f"eval return {state.get('eval_return', float('nan')):.1f}")
+                    pygame.display.set_caption(
+                        f"World Models: best C, generation {state.get('generation')}, "
+                        f"eval return {state.get('eval_return', float('nan')):.1f}"
+                    )
                 except Exception:  # caught mid-replace or a foreign file: try again shortly
                     _pump_window(1.0)
                     continue

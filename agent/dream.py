@@ -9,11 +9,12 @@ generation dream the same worlds (common random numbers).
 
     python -m agent.dream --logdir L --display     # drive the dream with the arrow keys
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,14 +27,22 @@ from models.mdrnn import MDRNNCell
 from utils.cli import ArgumentParser, positive_float, positive_int
 
 
-def make_dream_env(logdir: str | Path, temperature: float = 1.0, render_mode: str | None = None,
-                   max_steps: int = DEFAULT_MAX_STEPS) -> SimulatedCarRacing:
+def make_dream_env(
+    logdir: str | Path,
+    temperature: float = 1.0,
+    render_mode: str | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> SimulatedCarRacing:
     """`SimulatedCarRacing` with M, the start latents and (for rendering) V from `logdir`."""
     vae = load_vae(logdir) if render_mode is not None else None
-    return SimulatedCarRacing(load_mdrnn(logdir), load_dream_starts(logdir), vae, temperature, render_mode, max_steps)
+    return SimulatedCarRacing(
+        load_mdrnn(logdir), load_dream_starts(logdir), vae, temperature, render_mode, max_steps
+    )
 
 
-def _batched_noise(seeds: Sequence[int], starts: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batched_noise(
+    seeds: Sequence[int], starts: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack `episode_noise` for several seeds: z0 (N, L), uniform (T, N, L), normal (T, N, L)."""
     latent_size = starts.shape[-1]
     z0, uniforms, normals = [], [], []
@@ -80,7 +89,11 @@ class _BatchedDreamStep:
         mu, logsigma, logits = (out[:, k * n : (k + 1) * n].reshape(shape) for k in range(3))
         weights = logits.sub(logits.amax(dim=-1, keepdim=True)).div_(self.temperature).exp_()
         cdf = weights.cumsum(dim=-1)
-        k = (cdf < uniform.unsqueeze(-1) * cdf[..., -1:]).sum(dim=-1, keepdim=True).clamp_(max=self.gaussians - 1)
+        k = (
+            (cdf < uniform.unsqueeze(-1) * cdf[..., -1:])
+            .sum(dim=-1, keepdim=True)
+            .clamp_(max=self.gaussians - 1)
+        )
         sigma = logsigma.gather(-1, k).squeeze(-1).exp_().mul_(math.sqrt(self.temperature))
         z_next = sigma.mul_(normal).add_(mu.gather(-1, k).squeeze(-1))  # (P, N, L)
         return z_next.view(-1, self.latent), h, c, out[:, -2], out[:, -1]
@@ -114,8 +127,17 @@ def dream_returns(
     alive = torch.ones(n_pop * n_eps, dtype=torch.bool, device=device)
     steps = torch.zeros(n_pop * n_eps, dtype=torch.long, device=device)
     for t in range(max_steps):
-        actions = batched_actions(params, z.view(n_pop, n_eps, latent), h.view(n_pop, n_eps, hidden), latent, hidden, mdrnn.action_size)
-        z, h, c, reward, done_logit = step(z, actions.view(-1, mdrnn.action_size), h, c, uniform[t], normal[t], n_pop)
+        actions = batched_actions(
+            params,
+            z.view(n_pop, n_eps, latent),
+            h.view(n_pop, n_eps, hidden),
+            latent,
+            hidden,
+            mdrnn.action_size,
+        )
+        z, h, c, reward, done_logit = step(
+            z, actions.view(-1, mdrnn.action_size), h, c, uniform[t], normal[t], n_pop
+        )
         total += torch.where(alive, reward, 0.0)
         steps += alive
         alive &= done_logit <= 0.0  # sigmoid(logit) <= DONE_THRESHOLD = 0.5
@@ -131,14 +153,24 @@ class DreamEvaluator:
     `agent.population.evaluate_candidates`, so traincontroller.py swaps one for the other.
     """
 
-    def __init__(self, logdir: str | Path, temperature: float = 1.0, max_steps: int = DEFAULT_MAX_STEPS, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        logdir: str | Path,
+        temperature: float = 1.0,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        device: str = "cpu",
+    ) -> None:
         self.mdrnn = load_mdrnn(logdir, device)
         self.starts = load_dream_starts(logdir)
         self.temperature, self.max_steps = temperature, max_steps
 
-    def evaluate(self, candidates: Sequence[np.ndarray], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate(
+        self, candidates: Sequence[np.ndarray], seeds: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         params = torch.from_numpy(np.stack(candidates).astype(np.float32))  # (P, n_params)
-        returns, steps = dream_returns(self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps)
+        returns, steps = dream_returns(
+            self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps
+        )
         returns, steps = returns.double().numpy(), steps.numpy()
         return returns.mean(axis=1), returns, steps
 
@@ -158,7 +190,10 @@ def play(logdir: str, temperature: float, episodes: int) -> None:
         total, done = 0.0, False
         while not done:
             keys = pygame.key.get_pressed()
-            action = np.array([keys[pygame.K_RIGHT] - keys[pygame.K_LEFT], keys[pygame.K_UP], 0.8 * keys[pygame.K_DOWN]], np.float32)
+            action = np.array(
+                [keys[pygame.K_RIGHT] - keys[pygame.K_LEFT], keys[pygame.K_UP], 0.8 * keys[pygame.K_DOWN]],
+                np.float32,
+            )
             _, reward, terminated, truncated, _ = env.step(action)
             total += reward
             done = terminated or truncated or any(e.type == pygame.QUIT for e in pygame.event.get())
@@ -170,9 +205,13 @@ def play(logdir: str, temperature: float, episodes: int) -> None:
 if __name__ == "__main__":
     parser = ArgumentParser(description="Drive CarRacing as dreamed by M, with the arrow keys.")
     parser.add_argument("--logdir", required=True, help="logdir holding vae/, mdrnn/ and the latent cache")
-    parser.add_argument("--temperature", type=positive_float, default=1.0, help="dream temperature tau (default 1.0)")
+    parser.add_argument(
+        "--temperature", type=positive_float, default=1.0, help="dream temperature tau (default 1.0)"
+    )
     parser.add_argument("--episodes", type=positive_int, default=3, help="episodes to play (default 3)")
-    parser.add_argument("--display", action="store_true", help="open the window (required: this is a keyboard demo)")
+    parser.add_argument(
+        "--display", action="store_true", help="open the window (required: this is a keyboard demo)"
+    )
     args = parser.parse_args()
     if not args.display:
         parser.error("this demo needs --display")

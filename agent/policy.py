@@ -7,16 +7,16 @@ as much as the env step, and a batch of four halves that. An episode's return is
 the bit whether it ran alone or in a batch (Agent pads every batch to blocks of BLOCK rows).
 Parallelism beyond the batch comes from pool workers running separate tasks.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from envs.carracing import MAX_EPISODE_STEPS, env_frames, to_model_frame
 from models.controller import Controller
-
 
 BLOCK = 4  # V, M and C always see exactly this many rows at once (padded): see Agent
 
@@ -36,8 +36,14 @@ class Agent:
     it runs alone, beside others, or beside episodes that have already ended.
     """
 
-    def __init__(self, vae: torch.nn.Module, mdrnn: torch.nn.Module, controller: Controller,
-                 device: str | torch.device = "cpu", block: int = BLOCK) -> None:
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        mdrnn: torch.nn.Module,
+        controller: Controller,
+        device: str | torch.device = "cpu",
+        block: int = BLOCK,
+    ) -> None:
         self.device = torch.device(device)
         self.block = block  # rows per V, M and C call; only the benchmark's old path changes it
         self.vae = vae.to(self.device).eval()
@@ -58,16 +64,24 @@ class Agent:
         padding = np.zeros((len(self.hidden[0]) - len(frames), *frames.shape[1:]), dtype=np.uint8)
         z, _ = self.vae.encode_frames(np.concatenate([frames, padding]), batch_size=self.block)  # (rows, L)
         actions, hidden = [], []
-        for z_block, h_block, c_block in zip(z.split(self.block), *(s.split(self.block) for s in self.hidden)):
+        for z_block, h_block, c_block in zip(
+            z.split(self.block), *(s.split(self.block) for s in self.hidden)
+        ):
             action = self.controller(z_block, h_block)  # (block, A)
             hidden.append(self.mdrnn(z_block, action, (h_block, c_block)).hidden)
             actions.append(action)
         self.hidden = tuple(torch.cat(states) for states in zip(*hidden))  # (h, c), each (rows, H)
-        return torch.cat(actions)[:len(frames)].cpu().numpy()
+        return torch.cat(actions)[: len(frames)].cpu().numpy()
 
 
-def run_episodes(envs: Sequence, agent: Agent, seeds: Sequence[int], max_frames: int = MAX_EPISODE_STEPS,
-                 stall_frames: int | None = None, on_step: Callable[[], None] | None = None) -> list[tuple[float, int]]:
+def run_episodes(
+    envs: Sequence,
+    agent: Agent,
+    seeds: Sequence[int],
+    max_frames: int = MAX_EPISODE_STEPS,
+    stall_frames: int | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> list[tuple[float, int]]:
     """Play one episode per env, on track seeds[i] in envs[i], side by side; [(total reward, env frames)].
 
     The agent acts for all unfinished episodes at once, once per `env.step`, which is k frames
@@ -104,7 +118,13 @@ def run_episodes(envs: Sequence, agent: Agent, seeds: Sequence[int], max_frames:
     return list(zip(totals, frames))
 
 
-def run_episode(env, agent: Agent, seed: int, max_frames: int = MAX_EPISODE_STEPS,
-                on_step: Callable[[], None] | None = None, stall_frames: int | None = None) -> tuple[float, int]:
+def run_episode(
+    env,
+    agent: Agent,
+    seed: int,
+    max_frames: int = MAX_EPISODE_STEPS,
+    on_step: Callable[[], None] | None = None,
+    stall_frames: int | None = None,
+) -> tuple[float, int]:
     """One episode on track `seed` (run_episodes with a batch of one); returns (total reward, env frames)."""
     return run_episodes([env], agent, [seed], max_frames, stall_frames, on_step)[0]

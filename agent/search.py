@@ -7,6 +7,7 @@ on load by replaying those generations: a fresh strategy with the same settings 
 candidates and is told the same fitness, so it reaches bit for bit the state an uninterrupted
 run has, and nothing read from a logdir is ever unpickled or executed.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,9 @@ from models.controller import Controller
 from utils.params import get_flat_params, set_flat_params
 
 
-def _new_strategy(config: dict[str, int], pop_size: int, sigma0: float, seed: int) -> cma.CMAEvolutionStrategy:
+def _new_strategy(
+    config: dict[str, int], pop_size: int, sigma0: float, seed: int
+) -> cma.CMAEvolutionStrategy:
     """A fresh CMA-ES around C = 0, silent and file-less.
 
     cma draws its samples from options["randn"]; by default that is numpy's *global* RNG. A
@@ -34,8 +37,11 @@ def _new_strategy(config: dict[str, int], pop_size: int, sigma0: float, seed: in
         "seed": np.nan,  # do not (re)seed numpy's global RNG; ours is private
         # Early generations may score all alike (no candidate moves the car yet): by default one
         # such generation ends the search (tolfun). Stop only after 10 flat ones (tolfunhist).
-        "tolfun": 0.0, "tolflatfitness": 10,
-        "verbose": -9, "verb_disp": 0, "verb_log": 0,  # no console spam, no outcmaes/ files
+        "tolfun": 0.0,
+        "tolflatfitness": 10,
+        "verbose": -9,
+        "verb_disp": 0,
+        "verb_log": 0,  # no console spam, no outcmaes/ files
     }
     return cma.CMAEvolutionStrategy(x0, sigma0, options)
 
@@ -43,11 +49,23 @@ def _new_strategy(config: dict[str, int], pop_size: int, sigma0: float, seed: in
 class Search:
     """CMA-ES (maximising fitness) plus the run's bookkeeping: generation, best evaluation."""
 
-    def __init__(self, config: dict[str, int], pop_size: int, sigma0: float, seed: int,
-                 action_repeat: int = 1, stall_frames: int = 0) -> None:
+    def __init__(
+        self,
+        config: dict[str, int],
+        pop_size: int,
+        sigma0: float,
+        seed: int,
+        action_repeat: int = 1,
+        stall_frames: int = 0,
+    ) -> None:
         self.config = dict(config)
-        self.settings = dict(pop_size=int(pop_size), sigma0=float(sigma0), seed=int(seed),
-                             action_repeat=int(action_repeat), stall_frames=int(stall_frames))
+        self.settings = dict(
+            pop_size=int(pop_size),
+            sigma0=float(sigma0),
+            seed=int(seed),
+            action_repeat=int(action_repeat),
+            stall_frames=int(stall_frames),
+        )
         self.es = _new_strategy(self.config, pop_size, sigma0, seed)
         self.generation = 0
         self.frames, self.seconds = 0, 0.0  # real env frames played and wall time spent, over all runs
@@ -87,22 +105,46 @@ class Search:
 
     def state(self) -> dict[str, Any]:
         """The checkpoint: numbers and tensors only (torch.load(weights_only=True) loads it)."""
-        fitness = torch.from_numpy(np.stack(self.fitness_history)) if self.fitness_history else torch.zeros(0, self.settings["pop_size"], dtype=torch.float64)
-        return {"search": self.settings, "config": self.config, "generation": self.generation, "fitness": fitness,
-                "frames": self.frames, "seconds": self.seconds, "sigma": self.sigma, "best_eval_return": self.best_eval, "best_generation": self.best_generation,
-                "state_dict": self.controller().state_dict()}
+        fitness = (
+            torch.from_numpy(np.stack(self.fitness_history))
+            if self.fitness_history
+            else torch.zeros(0, self.settings["pop_size"], dtype=torch.float64)
+        )
+        return {
+            "search": self.settings,
+            "config": self.config,
+            "generation": self.generation,
+            "fitness": fitness,
+            "frames": self.frames,
+            "seconds": self.seconds,
+            "sigma": self.sigma,
+            "best_eval_return": self.best_eval,
+            "best_generation": self.best_generation,
+            "state_dict": self.controller().state_dict(),
+        }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Search":
+    def from_state(cls, state: dict[str, Any]) -> Search:
         """Rebuild a saved search by replaying its generations (raises ValueError/KeyError if malformed)."""
         settings, fitness = dict(state["search"]), state["fitness"]
         search = cls(dict(state["config"]), **settings)
-        if not isinstance(fitness, torch.Tensor) or fitness.dim() != 2 or fitness.shape[1] != search.es.popsize:
-            raise ValueError(f"fitness history of shape {tuple(getattr(fitness, 'shape', ()))}, expected (generations, {search.es.popsize})")
+        if (
+            not isinstance(fitness, torch.Tensor)
+            or fitness.dim() != 2
+            or fitness.shape[1] != search.es.popsize
+        ):
+            raise ValueError(
+                f"fitness history of shape {tuple(getattr(fitness, 'shape', ()))}, expected (generations, {search.es.popsize})"
+            )
         if fitness.shape[0] != int(state["generation"]):
-            raise ValueError(f"{fitness.shape[0]} generations of fitness for generation {state['generation']}")
+            raise ValueError(
+                f"{fitness.shape[0]} generations of fitness for generation {state['generation']}"
+            )
         for row in fitness.double().numpy():
             search.tell(search.ask(), row)
-        search.best_eval, search.best_generation = float(state["best_eval_return"]), int(state["best_generation"])
+        search.best_eval, search.best_generation = (
+            float(state["best_eval_return"]),
+            int(state["best_generation"]),
+        )
         search.frames, search.seconds = int(state["frames"]), float(state["seconds"])
         return search

@@ -4,9 +4,10 @@ Data generation uses [0, 2**32); controller training, evaluations of the CMA-ES 
 training, the final held-out test and the --display window each draw from their own range,
 so a reported test return is on tracks CMA-ES never saw.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

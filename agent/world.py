@@ -3,6 +3,7 @@
 Sizes always come from the checkpoints' configs, never from constants; a missing or
 mismatched stage stops with one line naming the command that (re)makes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,20 +27,28 @@ def load_vae(logdir: str | os.PathLike, device: str | torch.device = "cpu") -> V
     return load_model(VAE, logdir, "vae", device)[0]
 
 
-def load_mdrnn(logdir: str | os.PathLike, device: str | torch.device = "cpu", one_step: bool = True) -> MDRNNCell | MDRNN:
+def load_mdrnn(
+    logdir: str | os.PathLike, device: str | torch.device = "cpu", one_step: bool = True
+) -> MDRNNCell | MDRNN:
     """M from `L/mdrnn/best.pt`: the one-step `MDRNNCell` (default) or the multi-step `MDRNN`."""
     return load_model(MDRNNCell if one_step else MDRNN, logdir, "mdrnn", device)[0]
 
 
-def load_world(logdir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VAE, MDRNNCell, dict[str, int]]:
+def load_world(
+    logdir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[VAE, MDRNNCell, dict[str, int]]:
     """V and the one-step M, checked against each other: (vae, mdrnn_cell, controller_config)."""
     vae = load_vae(logdir, device)
     mdrnn = load_mdrnn(logdir, device, one_step=True)
     retrain_m = f"`{stage_command('mdrnn', logdir)} --noreload`"
     if mdrnn.latent_size != vae.latent_size:
-        fail(f"M was trained on latents of size {mdrnn.latent_size} but V now has {vae.latent_size}; retrain M on this V: {retrain_m}")
+        fail(
+            f"M was trained on latents of size {mdrnn.latent_size} but V now has {vae.latent_size}; retrain M on this V: {retrain_m}"
+        )
     if mdrnn.action_size != ACTION_SIZE:
-        fail(f"M was trained with {mdrnn.action_size} actions but CarRacing has {ACTION_SIZE}; retrain it: {retrain_m}")
+        fail(
+            f"M was trained with {mdrnn.action_size} actions but CarRacing has {ACTION_SIZE}; retrain it: {retrain_m}"
+        )
     config = dict(latent_size=vae.latent_size, hidden_size=mdrnn.hidden_size, action_size=mdrnn.action_size)
     return vae, mdrnn, config
 
@@ -50,15 +59,19 @@ def world_action_repeat(logdir: str | os.PathLike) -> int:
     return int(config.get("action_repeat", 1)) if isinstance(config, dict) else 1
 
 
-def load_best_controller(logdir: str | os.PathLike, config: dict[str, int]) -> tuple[Controller, dict[str, Any]]:
+def load_best_controller(
+    logdir: str | os.PathLike, config: dict[str, int]
+) -> tuple[Controller, dict[str, Any]]:
     """C from `L/ctrl/best.pt`, which must match the sizes of the current V and M."""
     state = require_checkpoint(logdir, "ctrl")
     saved, path = state.get("config", {}), stage_dir(logdir, "ctrl") / BEST
     retrain = f"`{stage_command('ctrl', logdir)} --noreload`"
     if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in config.items()):
         sizes = lambda c: f"latent {c.get('latent_size')}, hidden {c.get('hidden_size')}"  # noqa: E731
-        fail(f"{path} is a controller for {sizes(saved if isinstance(saved, dict) else {})} but V and M now have "
-             f"{sizes(config)}; retrain it: {retrain}")
+        fail(
+            f"{path} is a controller for {sizes(saved if isinstance(saved, dict) else {})} but V and M now have "
+            f"{sizes(config)}; retrain it: {retrain}"
+        )
     controller = Controller(**config)
     try:
         controller.load_state_dict(state["state_dict"])

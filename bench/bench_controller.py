@@ -22,6 +22,7 @@ V and M are random-init at the paper's sizes (latent 32, hidden 256) in a temp d
 does not depend on what they learned. The candidates are C = N(0, 0.1^2) around zero, the
 search's start: the car drives (badly) for whole episodes.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,14 @@ from utils.params import count_params  # noqa: E402
 
 def make_world(logdir: Path, latent: int, hidden: int, action_repeat: int) -> None:
     torch.manual_seed(0)
-    for stage, model, extra in (("vae", VAE(latent_size=latent), {}), ("mdrnn", MDRNNCell(latent, 3, hidden, 5), {"action_repeat": action_repeat})):
-        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 0, "best_loss": 0.0})
+    for stage, model, extra in (
+        ("vae", VAE(latent_size=latent), {}),
+        ("mdrnn", MDRNNCell(latent, 3, hidden, 5), {"action_repeat": action_repeat}),
+    ):
+        save_checkpoint(
+            logdir / stage / "best.pt",
+            {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 0, "best_loss": 0.0},
+        )
 
 
 def init_unbatched_worker(*args) -> None:
@@ -61,14 +68,24 @@ def init_unbatched_worker(*args) -> None:
     _WORKER["agent"].block = 1
 
 
-def generation(logdir: str, config: dict, k: int, workers: int, candidates: list, seeds: list, max_frames: int,
-               envs_per_worker: int) -> float:
+def generation(
+    logdir: str,
+    config: dict,
+    k: int,
+    workers: int,
+    candidates: list,
+    seeds: list,
+    max_frames: int,
+    envs_per_worker: int,
+) -> float:
     """Env frames/s of one generation through the real pool, acting every k frames, envs_per_worker episodes per task."""
     init = init_unbatched_worker if envs_per_worker == 1 else init_worker
     with WorkerPool(workers, init, (logdir, True, config, k, envs_per_worker), task_timeout=600) as pool:
         pool.map(time.sleep, [(0.5,)] * workers)  # every worker has loaded V, M and the envs
         start = time.perf_counter()
-        _, _, frames = evaluate_candidates(pool, candidates, seeds, max_frames, envs_per_worker=envs_per_worker)
+        _, _, frames = evaluate_candidates(
+            pool, candidates, seeds, max_frames, envs_per_worker=envs_per_worker
+        )
         return int(frames.sum()) / (time.perf_counter() - start)
 
 
@@ -78,7 +95,9 @@ def bare_env(k: int, frames: int, seed: int) -> float:
     env.reset(seed=seed)
     done, start = 0, time.perf_counter()
     while done < frames:
-        _, _, terminated, truncated, info = env.step(np.array([rng.uniform(-0.3, 0.3), 0.3, 0.0], dtype=np.float32))
+        _, _, terminated, truncated, info = env.step(
+            np.array([rng.uniform(-0.3, 0.3), 0.3, 0.0], dtype=np.float32)
+        )
         done += env_frames(info)
         if terminated or truncated:
             env.reset(seed=seed + done)
@@ -120,17 +139,45 @@ def encode_ms(vae: VAE, batch: int, calls: int = 100) -> float:
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=positive_int, default=2, help="pool workers (default 2)")
-    parser.add_argument("--pop-size", type=positive_int, default=8, help="candidates per generation (default 8: 8 tasks, 4 per worker)")
-    parser.add_argument("--n-samples", type=positive_int, default=4, help="tracks per candidate (default 4, as traincontroller's)")
-    parser.add_argument("--envs-per-worker", type=positive_int, default=4, help="the default's episodes per worker batch (default 4)")
+    parser.add_argument(
+        "--pop-size",
+        type=positive_int,
+        default=8,
+        help="candidates per generation (default 8: 8 tasks, 4 per worker)",
+    )
+    parser.add_argument(
+        "--n-samples",
+        type=positive_int,
+        default=4,
+        help="tracks per candidate (default 4, as traincontroller's)",
+    )
+    parser.add_argument(
+        "--envs-per-worker",
+        type=positive_int,
+        default=4,
+        help="the default's episodes per worker batch (default 4)",
+    )
     parser.add_argument("--action-repeat", type=int_in(2, 50), default=4, help="the default k (default 4)")
-    parser.add_argument("--max-frames", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help="env frames per episode (default 1000)")
-    parser.add_argument("--rounds", type=positive_int, default=2, help="alternations of the three measurements (default 2)")
+    parser.add_argument(
+        "--max-frames",
+        type=int_in(1, MAX_EPISODE_STEPS),
+        default=MAX_EPISODE_STEPS,
+        help="env frames per episode (default 1000)",
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=2, help="alternations of the three measurements (default 2)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # like each worker
     k, workers = args.action_repeat, args.workers
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before starting"
-          + (" (other processes are using the CPU: every figure is pessimistic)" if os.getloadavg()[0] > 0.5 else ""))
+    print(
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before starting"
+        + (
+            " (other processes are using the CPU: every figure is pessimistic)"
+            if os.getloadavg()[0] > 0.5
+            else ""
+        )
+    )
 
     e = args.envs_per_worker
     paths = {"old path (k=1)": (1, 1), f"k only (k={k})": (k, 1), f"default (k={k}, batch {e})": (k, e)}
@@ -140,11 +187,24 @@ def main() -> None:
             make_world(Path(tmp) / f"k{kk}", 32, 256, kk)
         _, _, config = load_world(Path(tmp) / "k1")
         rng = np.random.default_rng(0)
-        candidates = [rng.normal(scale=0.1, size=count_params(Controller(**config))) for _ in range(args.pop_size)]
+        candidates = [
+            rng.normal(scale=0.1, size=count_params(Controller(**config))) for _ in range(args.pop_size)
+        ]
         for r in range(args.rounds):
             seeds = train_seeds(0, r + 1, args.n_samples)
             for name, (kk, batch) in paths.items():
-                rates[name].append(generation(str(Path(tmp) / f"k{kk}"), config, kk, workers, candidates, seeds, args.max_frames, batch))
+                rates[name].append(
+                    generation(
+                        str(Path(tmp) / f"k{kk}"),
+                        config,
+                        kk,
+                        workers,
+                        candidates,
+                        seeds,
+                        args.max_frames,
+                        batch,
+                    )
+                )
             rates[f"ceiling (bare env, k={k})"].append(workers * bare_env(k, 4000, r))
         vae, mdrnn, _ = load_world(Path(tmp) / f"k{k}")
         single = agent_split(Agent(vae, mdrnn, Controller(**config), block=1), k, 1, 300)
@@ -153,17 +213,27 @@ def main() -> None:
 
     mean = {name: float(np.mean(values)) for name, values in rates.items()}
     old, _, default, ceiling = mean.values()
-    print(f"env frames/s on {workers} workers (pop {args.pop_size} x {args.n_samples} episodes of {args.max_frames} frames, "
-          f"mean of {args.rounds} alternated rounds):")
+    print(
+        f"env frames/s on {workers} workers (pop {args.pop_size} x {args.n_samples} episodes of {args.max_frames} frames, "
+        f"mean of {args.rounds} alternated rounds):"
+    )
     for name, values in rates.items():
         print(f"  {name:28s} {mean[name]:7.0f}   ({', '.join(f'{v:.0f}' for v in values)})")
-    print(f"default vs old path: {default / old:.2f}x (target >= 5x); default vs ceiling: {100 * default / ceiling:.0f}% (target >= 80%)")
-    print(f"full {MAX_EPISODE_STEPS}-frame episodes per hour on {workers} workers: {3600 * default / MAX_EPISODE_STEPS:.0f} "
-          f"at the default, {3600 * old / MAX_EPISODE_STEPS:.0f} on the old path")
+    print(
+        f"default vs old path: {default / old:.2f}x (target >= 5x); default vs ceiling: {100 * default / ceiling:.0f}% (target >= 80%)"
+    )
+    print(
+        f"full {MAX_EPISODE_STEPS}-frame episodes per hour on {workers} workers: {3600 * default / MAX_EPISODE_STEPS:.0f} "
+        f"at the default, {3600 * old / MAX_EPISODE_STEPS:.0f} on the old path"
+    )
     for name, split in (("one env, one frame per call", single), (f"{e} envs as one batch", batched)):
-        print(f"per episode-step of {k} frames, {name}: env.step {split['env']:.2f} ms, V + M + C {split['agent']:.2f} ms")
-    print(f"V encode per frame, one thread: {encode[1]:.2f} ms one frame at a time, {encode[BLOCK]:.2f} ms in blocks of {BLOCK} "
-          f"({encode[1] / encode[BLOCK]:.1f}x)")
+        print(
+            f"per episode-step of {k} frames, {name}: env.step {split['env']:.2f} ms, V + M + C {split['agent']:.2f} ms"
+        )
+    print(
+        f"V encode per frame, one thread: {encode[1]:.2f} ms one frame at a time, {encode[BLOCK]:.2f} ms in blocks of {BLOCK} "
+        f"({encode[1] / encode[BLOCK]:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ what a per-env Python loop would give. Sizes are the paper's (z 32, LSTM 256, 5 
 weights are random, which does not change the cost. Target: >= 100,000 dream steps/s on
 2 CPU cores for a population of 64 x 16 episodes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def main() -> int:
     parser.add_argument("--pop-size", type=int, default=64)
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200, help="dream steps per episode (default 200)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -58,7 +61,9 @@ def main() -> int:
             obs, *_ = env.step(controller(o[:latent], o[latent:]).numpy())
     single = args.steps / (time.perf_counter() - start)
 
-    print(f"population {args.pop_size} x {args.n_samples} episodes x {args.steps} steps, {args.threads} torch threads")
+    print(
+        f"population {args.pop_size} x {args.n_samples} episodes x {args.steps} steps, {args.threads} torch threads"
+    )
     print(f"batched dream:           {batched:10.0f} dream steps/s (target >= 100000)")
     print(f"single env, one by one:  {single:10.0f} dream steps/s")
     print(f"batched / single: {batched / single:.0f}x")

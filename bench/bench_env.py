@@ -15,6 +15,7 @@ physics plus one render per k frames.
     python bench/bench_env.py                 # 1000 steps per env over 4 seeds
     python bench/bench_env.py --steps 3000 --seeds 6
 """
+
 from __future__ import annotations
 
 import argparse
@@ -164,20 +165,32 @@ def run(steps: int, seeds: int, action_repeat: int = 4) -> int:
     print(f"FastCarRacing       : {fast_rate:8.1f} steps/s  ({1e3 / fast_rate:.2f} ms/step)")
     print(f"speed-up            : {fast_rate / up_rate:8.2f}x")
     med_up, med_fast = np.median(per_step_up), np.median(per_step_fast)
-    print(f"median step         : {1e3 * med_up:.2f} ms vs {1e3 * med_fast:.2f} ms -> {med_up / med_fast:.2f}x (less sensitive to a busy machine)")
-    print(f"physics only        : {phys_rate:8.1f} steps/s  ({1e3 / phys_rate:.2f} ms/step, no rendering: the ceiling)")
+    print(
+        f"median step         : {1e3 * med_up:.2f} ms vs {1e3 * med_fast:.2f} ms -> {med_up / med_fast:.2f}x (less sensitive to a busy machine)"
+    )
+    print(
+        f"physics only        : {phys_rate:8.1f} steps/s  ({1e3 / phys_rate:.2f} ms/step, no rendering: the ceiling)"
+    )
 
     k = action_repeat
     frames, t_rep, t_phys_rep, t_every, rep_mismatches = run_repeat(per_seed, k)
     rep_rate, phys_rep_rate = frames / t_rep, frames / t_phys_rep
     render_s = max(t_every - t_phys_rep, 0.0) / frames  # one fast render, measured alongside
     ceiling = 1 / (1 / phys_rep_rate + render_s / k)  # physics + one render per k frames
-    print(f"fast, act every {k:<3} : {rep_rate:8.1f} frames/s  ({k - 1} of {k} renders skipped; {frames} frames)")
-    print(f"  same frames       : physics only {phys_rep_rate:.1f} frames/s, fast drawing all {frames / t_every:.1f} frames/s")
-    print(f"  fast k={k:<10} : {rep_rate / phys_rep_rate:.0%} of physics-only, {rep_rate / ceiling:.0%} of the ceiling "
-          f"physics + 1 render per {k} frames ({ceiling:.1f} frames/s)")
+    print(
+        f"fast, act every {k:<3} : {rep_rate:8.1f} frames/s  ({k - 1} of {k} renders skipped; {frames} frames)"
+    )
+    print(
+        f"  same frames       : physics only {phys_rep_rate:.1f} frames/s, fast drawing all {frames / t_every:.1f} frames/s"
+    )
+    print(
+        f"  fast k={k:<10} : {rep_rate / phys_rep_rate:.0%} of physics-only, {rep_rate / ceiling:.0%} of the ceiling "
+        f"physics + 1 render per {k} frames ({ceiling:.1f} frames/s)"
+    )
     if rep_mismatches:
-        print(f"MISMATCH: {rep_mismatches} agent steps of fast k={k} differ from physics-only (reward/terminated)")
+        print(
+            f"MISMATCH: {rep_mismatches} agent steps of fast k={k} differ from physics-only (reward/terminated)"
+        )
     if mismatches:
         print(f"MISMATCH: {mismatches} steps/resets differ between upstream and fast env")
     if mismatches or rep_mismatches:
@@ -190,7 +203,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="steps per env in total (default 1000)")
     parser.add_argument("--seeds", type=int, default=4, help="number of seeds/tracks (default 4)")
-    parser.add_argument("--action-repeat", type=int, default=4, help="k for the action-repeat figure (default 4)")
+    parser.add_argument(
+        "--action-repeat", type=int, default=4, help="k for the action-repeat figure (default 4)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.seeds < 1 or args.seeds > args.steps:
         parser.error("need 1 <= --seeds <= --steps")

@@ -10,6 +10,7 @@ All rates come from this one run, so the ratios hold on a noisy machine:
   end to end including worker start-up.
 Targets: K=2 workers >= 1.8x one worker; one worker >= 90% of the plain loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,12 @@ def main() -> int:
     many, many_e2e = generation(args.workers, args.rollouts, args.steps, fast)
     print(f"env: {'fast' if fast else 'upstream'} CarRacing, {args.rollouts} rollouts x {args.steps} steps")
     print(f"plain env loop (1 process, no saving): {plain:8.0f} frames/s")
-    print(f"generation, 1 worker:                  {one:8.0f} frames/s  ({one_e2e:.0f} end to end with start-up)")
-    print(f"generation, {args.workers} workers:                 {many:8.0f} frames/s  ({many_e2e:.0f} end to end with start-up)")
+    print(
+        f"generation, 1 worker:                  {one:8.0f} frames/s  ({one_e2e:.0f} end to end with start-up)"
+    )
+    print(
+        f"generation, {args.workers} workers:                 {many:8.0f} frames/s  ({many_e2e:.0f} end to end with start-up)"
+    )
     scaling, overhead = many / one, one / plain
     print(f"{args.workers} workers / 1 worker: {scaling:.2f}x (target >= 1.8)")
     print(f"1 worker / plain loop: {overhead:.0%} (target >= 90%)")

@@ -14,6 +14,7 @@ Without --dataset it generates a small one (data/generation_script.py --max-step
 a V checkpoint in --logdir it uses a random-init V (the encoder's cost does not depend on
 its weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def timed_epoch(step, batches) -> tuple[float, int]:
 def reencoding_batches(paths: list[Path], vae: VAE, args, device: torch.device):
     """The port's data path: read frame windows from the files, encode obs and next obs with V
     each batch, and hand M's step the same (mu, logsigma, ...) batch the cache would give."""
-    for batch in SequenceDataset(paths, args.seq_len, args.batch_size, shuffle=False, next_keys=("observations",)):
+    for batch in SequenceDataset(
+        paths, args.seq_len, args.batch_size, shuffle=False, next_keys=("observations",)
+    ):
         mu, logsigma = vae.encode_frames(batch.pop("observations").to(device))  # (B, S, L) each
         next_mu, next_logsigma = vae.encode_frames(batch.pop("next_observations").to(device))
         yield batch | {"mu": mu, "logsigma": logsigma, "next_mu": next_mu, "next_logsigma": next_logsigma}
@@ -76,7 +79,9 @@ def main() -> None:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--gaussians", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="best of this many cached/bare epochs")
-    p.add_argument("--loop-batches", type=int, default=40, help="batches per epoch in the loop-efficiency part")
+    p.add_argument(
+        "--loop-batches", type=int, default=40, help="batches per epoch in the loop-efficiency part"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core, as the stages use)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -87,16 +92,37 @@ def main() -> None:
     try:
         dataset = Path(args.dataset) if args.dataset else work / "dataset"
         if not args.dataset:
-            print(f"generating {args.rollouts} rollouts of {args.max_steps} steps in {dataset} ...", flush=True)
-            subprocess.run([sys.executable, str(ROOT / "data/generation_script.py"), "--rollouts", str(args.rollouts),
-                            "--max-steps", str(args.max_steps), "--rootdir", str(dataset)], check=True, capture_output=True)
+            print(
+                f"generating {args.rollouts} rollouts of {args.max_steps} steps in {dataset} ...", flush=True
+            )
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "data/generation_script.py"),
+                    "--rollouts",
+                    str(args.rollouts),
+                    "--max-steps",
+                    str(args.max_steps),
+                    "--rootdir",
+                    str(dataset),
+                ],
+                check=True,
+                capture_output=True,
+            )
         logdir = work / "logs"  # a private logdir: the bench never touches the user's cache
         (logdir / "vae").mkdir(parents=True)
         if args.logdir:
             shutil.copy(Path(args.logdir) / "vae" / BEST, logdir / "vae" / BEST)
         else:
-            save_checkpoint(logdir / "vae" / BEST, {"state_dict": VAE(args.latent_size).state_dict(),
-                                                    "config": {"latent_size": args.latent_size, "img_channels": 3}, "epoch": 0, "best_loss": 0.0})
+            save_checkpoint(
+                logdir / "vae" / BEST,
+                {
+                    "state_dict": VAE(args.latent_size).state_dict(),
+                    "config": {"latent_size": args.latent_size, "img_channels": 3},
+                    "epoch": 0,
+                    "best_loss": 0.0,
+                },
+            )
         state = load_checkpoint(logdir / "vae" / BEST)
         config = state["config"]
         vae = VAE(config["latent_size"], config.get("img_channels", 3))
@@ -110,8 +136,10 @@ def main() -> None:
         train, _ = split_latents(rollouts)
         train_files = [dataset / r["file"] for r in rollouts if not r["test"]]
         frames = sum(len(r["mu"]) for r in train)
-        print(f"device {device}, torch threads {torch.get_num_threads()}; {len(train_files)} train rollouts ({frames} frames), "
-              f"batch {args.batch_size} x seq {args.seq_len}, hidden {args.hidden_size}, latent {config['latent_size']}")
+        print(
+            f"device {device}, torch threads {torch.get_num_threads()}; {len(train_files)} train rollouts ({frames} frames), "
+            f"batch {args.batch_size} x seq {args.seq_len}, hidden {args.hidden_size}, latent {config['latent_size']}"
+        )
         step_args = SimpleNamespace(reward_weight=1.0, done_weight=1.0, grad_clip=1.0)
 
         # 1. cache vs re-encode, with the very same M step, on the same unshuffled windows
@@ -120,17 +148,25 @@ def main() -> None:
         for _ in range(args.repeats):
             model, opt = fresh_model(args, L, device)
             train_step, _ = make_steps(model, opt, device, step_args)
-            cached_times.append(timed_epoch(train_step, SequenceDataset(train, S, B, shuffle=False, next_keys=("mu", "logsigma"))))
+            cached_times.append(
+                timed_epoch(
+                    train_step, SequenceDataset(train, S, B, shuffle=False, next_keys=("mu", "logsigma"))
+                )
+            )
         model, opt = fresh_model(args, L, device)
         train_step, _ = make_steps(model, opt, device, step_args)
         reenc_s, reenc_items = timed_epoch(train_step, reencoding_batches(train_files, vae, args, device))
         cached_s, items = min(cached_times)
         assert items == reenc_items, (items, reenc_items)
-        print(f"epoch on the latent cache:     {cached_s:8.2f} s  ({items} sequences; best of {args.repeats})")
+        print(
+            f"epoch on the latent cache:     {cached_s:8.2f} s  ({items} sequences; best of {args.repeats})"
+        )
         print(f"epoch re-encoding with V:      {reenc_s:8.2f} s")
         print(f"speedup per epoch:             {reenc_s / cached_s:8.1f}x  (target >= 10x)")
-        print(f"one-off cache build:           {build_s:8.2f} s  ({sum(len(r['mu']) for r in rollouts)} frames); "
-              f"first epoch incl. build: {reenc_s / (cached_s + build_s):.1f}x")
+        print(
+            f"one-off cache build:           {build_s:8.2f} s  ({sum(len(r['mu']) for r in rollouts)} frames); "
+            f"first epoch incl. build: {reenc_s / (cached_s + build_s):.1f}x"
+        )
 
         # 2. the loop (shuffled, as trainmdrnn.py runs it) against the bare model on random tensors
         # of the same shape. The train rollouts are tiled to >= --loop-batches batches, so the
@@ -138,12 +174,20 @@ def main() -> None:
         # --repeats, so that load changes on a shared machine hit both alike.
         tiled = train * max(1, -(-args.loop_batches * B * S // frames))
         z, nz = torch.randn(B, S, L, device=device), torch.randn(B, S, L, device=device)
-        a, r, d = torch.randn(B, S, 3, device=device), torch.randn(B, S, device=device), torch.zeros(B, S, device=device)
+        a, r, d = (
+            torch.randn(B, S, 3, device=device),
+            torch.randn(B, S, device=device),
+            torch.zeros(B, S, device=device),
+        )
         loop_times, bare_times = [], []
         for _ in range(args.repeats):
             model, opt = fresh_model(args, L, device)
             train_step, _ = make_steps(model, opt, device, step_args)
-            loop_times.append(timed_epoch(train_step, SequenceDataset(tiled, S, B, shuffle=True, next_keys=("mu", "logsigma"))))
+            loop_times.append(
+                timed_epoch(
+                    train_step, SequenceDataset(tiled, S, B, shuffle=True, next_keys=("mu", "logsigma"))
+                )
+            )
             model, opt = fresh_model(args, L, device)
 
             def bare_step(_: int) -> dict[str, float]:
@@ -152,11 +196,16 @@ def main() -> None:
                 loss.backward()
                 opt.step()
                 return {"items": B}
+
             bare_times.append(timed_epoch(bare_step, range(args.loop_batches)))
         loop_rate = max(n / t for t, n in loop_times)
         bare_rate = max(n / t for t, n in bare_times)
-        print(f"training loop:                 {loop_rate:8.1f} sequences/s  ({loop_times[0][1]} sequences, train set tiled x{len(tiled) // len(train)})")
-        print(f"bare model fwd+bwd+step:       {bare_rate:8.1f} sequences/s  ({args.loop_batches} batches of random tensors)")
+        print(
+            f"training loop:                 {loop_rate:8.1f} sequences/s  ({loop_times[0][1]} sequences, train set tiled x{len(tiled) // len(train)})"
+        )
+        print(
+            f"bare model fwd+bwd+step:       {bare_rate:8.1f} sequences/s  ({args.loop_batches} batches of random tensors)"
+        )
         print(f"loop efficiency:               {100 * loop_rate / bare_rate:8.1f} %  (target >= 80%)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ Without --dataset it generates --rollouts Brownian rollouts of at most --max-ste
 with data/generation_script.py into a cache folder (reused by later runs); the short
 episodes keep generation and the epoch within a few minutes on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,17 +72,32 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
     if args.dataset:
         return Path(args.dataset)
     root = Path(tempfile.gettempdir()) / "worldmodels-bench" / f"vae_{args.rollouts}x{args.max_steps}"
-    print(f"no --dataset: generating {args.rollouts} rollouts of at most {args.max_steps} steps into {root} "
-          f"(--max-steps keeps this within a few minutes on 2 cores; reused next time)", flush=True)
-    command = [sys.executable, str(ROOT / "data/generation_script.py"), "--rollouts", str(args.rollouts),
-               "--rootdir", str(root), "--max-steps", str(args.max_steps), "--threads", str(os.cpu_count() or 1)]
+    print(
+        f"no --dataset: generating {args.rollouts} rollouts of at most {args.max_steps} steps into {root} "
+        f"(--max-steps keeps this within a few minutes on 2 cores; reused next time)",
+        flush=True,
+    )
+    command = [
+        sys.executable,
+        str(ROOT / "data/generation_script.py"),
+        "--rollouts",
+        str(args.rollouts),
+        "--rootdir",
+        str(root),
+        "--max-steps",
+        str(args.max_steps),
+        "--threads",
+        str(os.cpu_count() or 1),
+    ]
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         sys.exit("error: rollout generation failed")
     return root
 
 
 @torch.no_grad()
-def test_errors(model: VAE, train_paths: list[Path], test_paths: list[Path], device: torch.device) -> tuple[float, float]:
+def test_errors(
+    model: VAE, train_paths: list[Path], test_paths: list[Path], device: torch.device
+) -> tuple[float, float]:
     """(V's test MSE per pixel value, that of the training set's mean frame)."""
     total, n_train = np.zeros((64, 64, 3)), 0
     for frames in FrameDataset(train_paths, 512, shuffle=False):  # (B, 64, 64, 3) uint8
@@ -99,13 +115,17 @@ def test_errors(model: VAE, train_paths: list[Path], test_paths: list[Path], dev
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--dataset", help="rollout folder; default: generate one into a cache folder")
     p.add_argument("--rollouts", type=int, default=50, help="rollouts to generate without --dataset")
     p.add_argument("--max-steps", type=int, default=500, help="steps per generated rollout at most")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    defaults = trainvae.parse_args(["--logdir", "unused"])  # trainvae's own defaults: batch, lr, latent, split, seed
+    defaults = trainvae.parse_args(
+        ["--logdir", "unused"]
+    )  # trainvae's own defaults: batch, lr, latent, split, seed
 
     dataset = ensure_dataset(args)
     paths, lengths = dataset_paths(dataset)
@@ -119,7 +139,9 @@ def main() -> None:
 
     # trainvae's epoch 1: same data object, same step; the time to fetch each batch (reading,
     # decompressing, shuffling) counts on the real side. One bare step follows each real one.
-    data = FrameDataset(train_paths, defaults.batch_size, shuffle=True, buffer_size=defaults.buffer_size, seed=defaults.seed)
+    data = FrameDataset(
+        train_paths, defaults.batch_size, shuffle=True, buffer_size=defaults.buffer_size, seed=defaults.seed
+    )
     data.set_epoch(1)
     batches = iter(data)
     real_time = bare_time = 0.0
@@ -137,12 +159,22 @@ def main() -> None:
     vae_mse, mean_mse = test_errors(model, train_paths, test_paths, device)
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    load = (
+        f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        if hasattr(os, "getloadavg")
+        else ""
+    )
     print()
-    print(f"dataset: {dataset}: {len(paths)} rollouts, {sum(lengths)} frames ({len(train_paths)} train rollouts / {len(test_paths)} test)")
+    print(
+        f"dataset: {dataset}: {len(paths)} rollouts, {sum(lengths)} frames ({len(train_paths)} train rollouts / {len(test_paths)} test)"
+    )
     print(f"throughput (batch {defaults.batch_size}, {device}{threads}{load}):")
-    print(f"  bare model step, random tensors : {bare_rate:8.1f} frames/s ({bare_frames} frames in {bare_time:.0f}s)")
-    print(f"  real epoch, FrameDataset + step : {real_rate:8.1f} frames/s ({real_frames} frames in {real_time:.0f}s, loading included)")
+    print(
+        f"  bare model step, random tensors : {bare_rate:8.1f} frames/s ({bare_frames} frames in {bare_time:.0f}s)"
+    )
+    print(
+        f"  real epoch, FrameDataset + step : {real_rate:8.1f} frames/s ({real_frames} frames in {real_time:.0f}s, loading included)"
+    )
     print(f"  ratio real / bare               : {real_rate / bare_rate:8.3f}   (target >= 0.90)")
     print("quality after that 1 epoch (test MSE per pixel value in [0, 1]):")
     print(f"  V reconstruction (z = mu)       : {vae_mse:.5f}")

@@ -7,6 +7,7 @@ whatever the number of workers and whichever worker happens to run it.
 The command line is data/generation_script.py (K workers, resumable); the file format
 (naming, atomic reproducible writes) is data/rollouts.py's.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,14 @@ def rollout_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
     return env_seed, np.random.default_rng(policy_seed_seq)
 
 
-def random_actions(policy: str, steps: int, low: np.ndarray, high: np.ndarray, rng: np.random.Generator,
-                   dt: float = BROWNIAN_DT) -> np.ndarray:
+def random_actions(
+    policy: str,
+    steps: int,
+    low: np.ndarray,
+    high: np.ndarray,
+    rng: np.random.Generator,
+    dt: float = BROWNIAN_DT,
+) -> np.ndarray:
     """(steps, 3) float32 actions, drawn up front so the env never touches the policy RNG.
 
     "white": independent uniform samples of the action box.
@@ -45,7 +52,9 @@ def random_actions(policy: str, steps: int, low: np.ndarray, high: np.ndarray, r
     return actions
 
 
-def generate_rollout(env, index: int, seed: int = 0, policy: str = "brown", max_steps: int = MAX_EPISODE_STEPS) -> dict[str, np.ndarray]:
+def generate_rollout(
+    env, index: int, seed: int = 0, policy: str = "brown", max_steps: int = MAX_EPISODE_STEPS
+) -> dict[str, np.ndarray]:
     """Play one episode of rollout `index` in `env` and return its arrays (DESIGN.md layout).
 
     One row per `env.step`: on an `ActionRepeat(k)` env that is one agent step of k frames

@@ -11,6 +11,7 @@ Ray). Each worker writes its rollouts into --rootdir itself, so on a multi-node 
 --rootdir must be on a filesystem every node shares; a rollout this machine cannot see stops
 the run with one line instead of leaving the dataset silently short.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from data.carracing import POLICIES, generate_rollout  # noqa: E402
-from data.rollouts import dataset_action_repeat, find_rollouts, remove_partial_files, rollout_path, save_rollout  # noqa: E402
+from data.rollouts import (
+    dataset_action_repeat,
+    find_rollouts,
+    remove_partial_files,
+    rollout_path,
+    save_rollout,
+)  # noqa: E402
 from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
 from pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
 from utils.cli import ArgumentParser, fail, int_in, seed_int, writable_dir  # noqa: E402
@@ -44,15 +51,41 @@ def run_rollout(index: int, thread: int, rootdir: str, seed: int, policy: str, m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rollouts", type=int_in(1, 10_000_000), required=True, help="total number of rollouts to have on disk")
-    parser.add_argument("--rootdir", type=writable_dir, default="datasets/carracing", help="output folder (default: datasets/carracing)")
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rollouts",
+        type=int_in(1, 10_000_000),
+        required=True,
+        help="total number of rollouts to have on disk",
+    )
+    parser.add_argument(
+        "--rootdir",
+        type=writable_dir,
+        default="datasets/carracing",
+        help="output folder (default: datasets/carracing)",
+    )
     parser.add_argument("--threads", type=int_in(1, 100_000), default=2, help="worker processes (default: 2)")
     parser.add_argument("--policy", choices=POLICIES, default="brown", help="random policy (default: brown)")
-    parser.add_argument("--seed", type=seed_int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)")
-    parser.add_argument("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS, help=f"env frames per rollout at most (default and most: the env's {MAX_EPISODE_STEPS})")
-    parser.add_argument("--action-repeat", type=int_in(1, 50), default=1, help="hold each action this many frames, one row per k frames (default 1, the paper); one k per --rootdir")
-    parser.add_argument("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    parser.add_argument(
+        "--seed", type=seed_int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int_in(1, MAX_EPISODE_STEPS),
+        default=MAX_EPISODE_STEPS,
+        help=f"env frames per rollout at most (default and most: the env's {MAX_EPISODE_STEPS})",
+    )
+    parser.add_argument(
+        "--action-repeat",
+        type=int_in(1, 50),
+        default=1,
+        help="hold each action this many frames, one row per k frames (default 1, the paper); one k per --rootdir",
+    )
+    parser.add_argument(
+        "--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer"
+    )
     add_backend_args(parser)
     args = parser.parse_args(argv)
     check_backend(args.backend, args.ray_address)
@@ -67,13 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         fail(str(error))
     if k_found != args.action_repeat:
-        fail(f"{rootdir} holds rollouts at --action-repeat {k_found}, not {args.action_repeat}: use another --rootdir for k={args.action_repeat}")
+        fail(
+            f"{rootdir} holds rollouts at --action-repeat {k_found}, not {args.action_repeat}: use another --rootdir for k={args.action_repeat}"
+        )
     todo = [i for i in range(args.rollouts) if i not in done]
     if not todo:
         print(f"all {args.rollouts} rollouts already in {rootdir}; nothing to do")
         return 0
 
-    tasks = [(i, i % args.threads, str(rootdir.resolve()), args.seed, args.policy, args.max_steps) for i in todo]
+    tasks = [
+        (i, i % args.threads, str(rootdir.resolve()), args.seed, args.policy, args.max_steps) for i in todo
+    ]
     start, frames = time.perf_counter(), 0
     bar = tqdm(total=len(tasks), unit="rollout", desc="rollouts", initial=0, dynamic_ncols=True)
 
@@ -81,15 +118,22 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal frames
         index, thread = tasks[position][:2]
         if not rollout_path(rootdir, index, thread).is_file():  # written by a Ray worker on another machine
-            raise WorkerError(f"rollout {index} was written on another machine and is not in {rootdir} here: "
-                              f"with --backend ray on several nodes, --rootdir must be on a filesystem they share")
+            raise WorkerError(
+                f"rollout {index} was written on another machine and is not in {rootdir} here: "
+                f"with --backend ray on several nodes, --rootdir must be on a filesystem they share"
+            )
         frames += n_frames
         bar.update(1)
         bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
 
     try:
-        with make_pool(args.backend, min(args.threads, len(tasks)), init_worker, (not args.slow_env, args.action_repeat),
-                       ray_address=args.ray_address) as pool:
+        with make_pool(
+            args.backend,
+            min(args.threads, len(tasks)),
+            init_worker,
+            (not args.slow_env, args.action_repeat),
+            ray_address=args.ray_address,
+        ) as pool:
             pool.map(run_rollout, tasks, on_result=on_result)
     except WorkerError as error:
         bar.close()

@@ -22,6 +22,7 @@ Format: one uncompressed `L/mdrnn/latents.npz` (~260 bytes per frame for z=32; l
 The cache is rebuilt when V's `best.pt` changes (sha256 of its bytes) or when the dataset's
 file list changes (relative paths and sizes); otherwise it is reused as is.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,8 @@ import json
 import os
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -112,20 +113,40 @@ def build_latent_cache(
         fail(str(error))
     d_print = dataset_fingerprint(dataset, paths)
     meta = read_meta(path)
-    if not force and meta is not None and meta.get("version") == CACHE_VERSION \
-            and meta.get("vae") == v_print and meta.get("dataset") == d_print:
+    if (
+        not force
+        and meta is not None
+        and meta.get("version") == CACHE_VERSION
+        and meta.get("vae") == v_print
+        and meta.get("dataset") == d_print
+    ):
         return path
 
-    reason = "no cache yet" if meta is None else "V's best.pt changed" if meta.get("vae") != v_print else "the dataset changed"
+    reason = (
+        "no cache yet"
+        if meta is None
+        else "V's best.pt changed"
+        if meta.get("vae") != v_print
+        else "the dataset changed"
+    )
     if verbose:
-        print(f"encoding {len(paths)} rollouts with V ({stage_dir(logdir, 'vae') / BEST}, epoch {state.get('epoch')}) into {path}: {reason}")
+        print(
+            f"encoding {len(paths)} rollouts with V ({stage_dir(logdir, 'vae') / BEST}, epoch {state.get('epoch')}) into {path}: {reason}"
+        )
 
     columns: dict[str, list[np.ndarray]] = {key: [] for key in STEP_KEYS}
     lengths, files = [], []
     buffer = RolloutBuffer(paths, buffer_size)
-    groups = [paths[s:s + buffer.buffer_size] for s in range(0, len(paths), buffer.buffer_size)]
+    groups = [paths[s : s + buffer.buffer_size] for s in range(0, len(paths), buffer.buffer_size)]
     start, frames = time.perf_counter(), 0
-    with tqdm(total=sum(lengths_found), unit="frame", unit_scale=True, desc="latent cache", dynamic_ncols=True, disable=not verbose) as bar:
+    with tqdm(
+        total=sum(lengths_found),
+        unit="frame",
+        unit_scale=True,
+        desc="latent cache",
+        dynamic_ncols=True,
+        disable=not verbose,
+    ) as bar:
         for group, chunk in zip(groups, buffer.chunks()):  # chunks() follows `paths` order
             if chunk:
                 obs = np.concatenate([r["observations"] for r in chunk])  # (sum T, 64, 64, 3) uint8
@@ -140,22 +161,35 @@ def build_latent_cache(
                 frames += len(obs)
                 bar.update(len(obs))
     if not lengths:
-        fail(f"no usable rollout under {dataset} (every file was skipped); regenerate them with: {stage_command('data', dataset=dataset)}")
+        fail(
+            f"no usable rollout under {dataset} (every file was skipped); regenerate them with: {stage_command('data', dataset=dataset)}"
+        )
 
     arrays = {key: np.concatenate(parts) for key, parts in columns.items()}
     arrays["lengths"] = np.asarray(lengths, dtype=np.int64)
     arrays["files"] = np.asarray(files, dtype=str)
     arrays["all_files"] = np.asarray([_relative(p, dataset) for p in paths], dtype=str)
-    arrays["meta"] = np.asarray(json.dumps({
-        "version": CACHE_VERSION, "vae": v_print, "dataset": d_print, "latent_size": int(arrays["mu"].shape[1]),
-        "vae_epoch": state.get("epoch"), "frames": int(arrays["lengths"].sum()), "rollouts": len(lengths),
-        "action_repeat": action_repeat,
-    }))
+    arrays["meta"] = np.asarray(
+        json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "vae": v_print,
+                "dataset": d_print,
+                "latent_size": int(arrays["mu"].shape[1]),
+                "vae_epoch": state.get("epoch"),
+                "frames": int(arrays["lengths"].sum()),
+                "rollouts": len(lengths),
+                "action_repeat": action_repeat,
+            }
+        )
+    )
     with atomic_write(path) as handle:  # a file object, so numpy adds no ".npz" suffix
         np.savez(handle, **arrays)
     if verbose:
         elapsed = time.perf_counter() - start
-        print(f"cached {frames} frames of {len(lengths)} rollouts in {elapsed:.1f}s ({frames / max(elapsed, 1e-9):.0f} frames/s)")
+        print(
+            f"cached {frames} frames of {len(lengths)} rollouts in {elapsed:.1f}s ({frames / max(elapsed, 1e-9):.0f} frames/s)"
+        )
     return path
 
 
@@ -174,7 +208,9 @@ def load_latent_cache(logdir: str | os.PathLike, test_fraction: float = 0.1, see
         with np.load(path, allow_pickle=False) as archive:
             data = {key: archive[key] for key in (*STEP_KEYS, "lengths", "files", "all_files")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        fail(f"cannot read the latent cache {path} ({type(error).__name__}); run `{stage_command('mdrnn', logdir)}` to build it")
+        fail(
+            f"cannot read the latent cache {path} ({type(error).__name__}); run `{stage_command('mdrnn', logdir)}` to build it"
+        )
     _, test_files = split_rollouts([Path(f) for f in data["all_files"]], test_fraction, seed)
     test_set = {p.as_posix() for p in test_files}
     bounds = np.cumsum(data["lengths"])[:-1]

@@ -12,12 +12,13 @@ buffer_size=32: ~0.8 GB). Train/test split is by rollout, never by frame.
 The file format itself (finding, reading, validating and splitting rollouts) is
 data/rollouts.py's; this module only batches what it reads.
 """
+
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,12 @@ class RolloutBuffer:
     pass notes which files are usable.
     """
 
-    def __init__(self, paths: Sequence[Path], buffer_size: int = DEFAULT_BUFFER_SIZE, keys: Sequence[str] = ROLLOUT_KEYS) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        keys: Sequence[str] = ROLLOUT_KEYS,
+    ) -> None:
         self.paths = list(paths)
         self.buffer_size = max(1, buffer_size)
         self.keys = tuple(keys)
@@ -56,7 +62,10 @@ class RolloutBuffer:
     def chunks(self, order: Sequence[int] | None = None) -> Iterator[list[dict[str, np.ndarray]]]:
         """Yield lists of at most `buffer_size` loaded rollouts, in `order` (default: sorted)."""
         order = range(len(self.paths)) if order is None else order
-        groups = [[self.paths[i] for i in order[s : s + self.buffer_size]] for s in range(0, len(order), self.buffer_size)]
+        groups = [
+            [self.paths[i] for i in order[s : s + self.buffer_size]]
+            for s in range(0, len(order), self.buffer_size)
+        ]
         if not groups:
             return
         result: dict[int, list] = {}
@@ -87,7 +96,14 @@ class FrameDataset:
     same test set every epoch. Conversion to float happens on the model's device.
     """
 
-    def __init__(self, paths: Sequence[Path], batch_size: int = 32, shuffle: bool = True, buffer_size: int = DEFAULT_BUFFER_SIZE, seed: int = 0) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        batch_size: int = 32,
+        shuffle: bool = True,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        seed: int = 0,
+    ) -> None:
         self.buffer = RolloutBuffer(paths, buffer_size, keys=("observations",))
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -116,7 +132,9 @@ class FrameDataset:
             yield torch.from_numpy(np.ascontiguousarray(leftover))
 
 
-def sequence_windows(lengths: Sequence[int], seq_len: int, rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
+def sequence_windows(
+    lengths: Sequence[int], seq_len: int, rng: np.random.Generator | None = None
+) -> list[tuple[int, int]]:
     """(rollout, start) of `seq_len` windows covering every step of every rollout.
 
     Windows are full length whenever the rollout is long enough: they tile the rollout from
@@ -140,7 +158,12 @@ def sequence_windows(lengths: Sequence[int], seq_len: int, rng: np.random.Genera
     return windows
 
 
-def collate_windows(rollouts: Sequence[dict[str, np.ndarray]], windows: Sequence[tuple[int, int]], seq_len: int, next_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+def collate_windows(
+    rollouts: Sequence[dict[str, np.ndarray]],
+    windows: Sequence[tuple[int, int]],
+    seq_len: int,
+    next_keys: Sequence[str],
+) -> dict[str, torch.Tensor]:
     """Stack windows into (B, seq_len, ...) tensors, zero-padded, with masks.
 
     For every key X in a rollout: `X` holds steps t..t+seq_len-1. For keys in `next_keys`,
@@ -219,7 +242,9 @@ class SequenceDataset:
             if rng is not None:
                 windows = [windows[i] for i in rng.permutation(len(windows))]
             for start in range(0, len(windows), self.batch_size):
-                yield collate_windows(chunk, windows[start : start + self.batch_size], self.seq_len, self.next_keys)
+                yield collate_windows(
+                    chunk, windows[start : start + self.batch_size], self.seq_len, self.next_keys
+                )
 
     def __len__(self) -> int:
         """Batches per pass for in-memory sources: exact unshuffled; shuffled passes, whose

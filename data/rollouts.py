@@ -20,6 +20,7 @@ are written too; readers ignore keys they do not know. A file is written under a
 leaves hidden temporaries, which `remove_partial_files` deletes. Train/test split is by
 rollout, never by frame.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,8 @@ import re
 import warnings
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -107,7 +108,9 @@ def find_rollouts(root: str | os.PathLike) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = [(rollout_index(p), p) for p in root.rglob("rollout_*.npz")]
-    return sorted(((i, p) for i, p in found if i is not None), key=lambda item: (str(item[1].parent), item[0]))
+    return sorted(
+        ((i, p) for i, p in found if i is not None), key=lambda item: (str(item[1].parent), item[0])
+    )
 
 
 # -- read and validate ----------------------------------------------------------------------
@@ -127,7 +130,10 @@ def load_rollout(path: str | os.PathLike, keys: Sequence[str] = ROLLOUT_KEYS) ->
     for key, value in arrays.items():
         shape, dtype = ROLLOUT_SHAPES[key]
         if value.ndim != 1 + len(shape) or value.shape[1:] != shape or value.dtype != dtype:
-            warnings.warn(f"skipping rollout {path}: {key} has shape {value.shape} {value.dtype}, expected (T, {', '.join(map(str, shape))}) {np.dtype(dtype)}", stacklevel=2)
+            warnings.warn(
+                f"skipping rollout {path}: {key} has shape {value.shape} {value.dtype}, expected (T, {', '.join(map(str, shape))}) {np.dtype(dtype)}",
+                stacklevel=2,
+            )
             return None
         if length is None:
             length = len(value)
@@ -152,7 +158,11 @@ def rollout_length(path: str | os.PathLike) -> int | None:
                 raise ValueError(f"missing keys {missing}")
             with archive.open("observations.npy") as member:
                 version = np.lib.format.read_magic(member)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
                 shape, _, dtype = read_header(member)
             with archive.open("rewards.npy") as member:
                 rewards = np.lib.format.read_array(member)
@@ -161,7 +171,10 @@ def rollout_length(path: str | os.PathLike) -> int | None:
         return None
     expected = (len(rewards), MODEL_SIZE, MODEL_SIZE, 3)
     if tuple(shape) != expected or dtype != np.uint8 or len(rewards) == 0:
-        warnings.warn(f"skipping rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8", stacklevel=2)
+        warnings.warn(
+            f"skipping rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8",
+            stacklevel=2,
+        )
         return None
     return len(rewards)
 
@@ -192,7 +205,9 @@ def dataset_action_repeat(paths: Sequence[str | os.PathLike], root: str | os.Pat
             warnings.warn(f"skipping rollout: {error}", stacklevel=2)
     if len(found) > 1:
         which = ", ".join(f"k={k} ({p})" for k, p in sorted(found.items()))
-        raise ValueError(f"{root} mixes rollouts of different action repeats: {which}; keep one k per dataset folder")
+        raise ValueError(
+            f"{root} mixes rollouts of different action repeats: {which}; keep one k per dataset folder"
+        )
     return next(iter(found), 1)
 
 
@@ -204,17 +219,23 @@ def dataset_paths(root: str | os.PathLike) -> tuple[list[Path], list[int]]:
     """
     paths = [path for _, path in find_rollouts(root)]
     if not paths:
-        raise NoRolloutsError(f"no rollouts found under {root}; make them with: {stage_command('data', dataset=root)}")
+        raise NoRolloutsError(
+            f"no rollouts found under {root}; make them with: {stage_command('data', dataset=root)}"
+        )
     lengths = [rollout_length(p) for p in paths]
     usable = [(p, n) for p, n in zip(paths, lengths) if n is not None]
     if not usable:
-        raise NoRolloutsError(f"none of the {len(paths)} rollout files under {root} is usable; "
-                              f"regenerate them with: {stage_command('data', dataset=root)}")
+        raise NoRolloutsError(
+            f"none of the {len(paths)} rollout files under {root} is usable; "
+            f"regenerate them with: {stage_command('data', dataset=root)}"
+        )
     return [p for p, _ in usable], [n for _, n in usable]
 
 
 # -- split ----------------------------------------------------------------------------------
-def split_rollouts(paths: Sequence[Path], test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Path], list[Path]]:
+def split_rollouts(
+    paths: Sequence[Path], test_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Path], list[Path]]:
     """Deterministic train/test split by rollout: a seeded shuffle of the sorted paths.
 
     At least one rollout goes to each side when there are two or more.

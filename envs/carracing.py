@@ -5,6 +5,7 @@ evaluation) goes through `make_env` and `to_model_frame`, so the pixels a model 
 on are exactly the pixels it later sees. `make_env(action_repeat=k)` acts every k env frames
 (`ActionRepeat`), drawing only the frames the agent sees when the env is the fast one.
 """
+
 from __future__ import annotations
 
 import operator

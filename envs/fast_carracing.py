@@ -78,6 +78,7 @@ differences in ``car_racing.py`` across gymnasium 1.0 .. 1.4; both follow the in
 version. :data:`VERIFIED_GYMNASIUM` is the range the bit-exact tests passed with;
 :func:`fast_env_supported` lets callers fall back to upstream outside it.
 """
+
 from __future__ import annotations
 
 import math
@@ -433,7 +434,9 @@ def _split_scale_matches(fmt_surface) -> bool:
     final.blit(bar, (0, _BAR_TOP))
     expected = pygame.surfarray.array3d(pygame.transform.smoothscale(final, (STATE_W, STATE_H)))
 
-    top = pygame.transform.smoothscale(canvas.subsurface((0, hidden, WINDOW_W, _BAR_TOP)), (STATE_W, _BAR_TOP))
+    top = pygame.transform.smoothscale(
+        canvas.subsurface((0, hidden, WINDOW_W, _BAR_TOP)), (STATE_W, _BAR_TOP)
+    )
     low = pygame.transform.smoothscale(bar, (STATE_W, bar_h))
     both = pygame.Surface((STATE_W, WINDOW_H), 0, fmt_surface)
     both.blit(pygame.transform.flip(top, False, True), (0, 0))

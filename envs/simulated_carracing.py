@@ -15,6 +15,7 @@ one uniform (picks the mixture component) and one normal per latent dimension. S
 and the single env give the same returns for the same seeds and controllers, and all the
 candidates of a generation dream the same worlds (common random numbers).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,7 +30,9 @@ DONE_THRESHOLD = 0.5  # an episode ends when M's done probability exceeds this
 DEFAULT_MAX_STEPS = 1000
 
 
-def episode_noise(seed: int, n_starts: int, steps: int, latent_size: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+def episode_noise(
+    seed: int, n_starts: int, steps: int, latent_size: int
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every random number of the dream episode `seed`: (start index, eps0 (L,), uniform (T, L), normal (T, L))."""
     generator = torch.Generator().manual_seed(int(seed) % (2**63))
     start = int(torch.randint(n_starts, (1,), generator=generator))
@@ -85,7 +88,14 @@ class SimulatedCarRacing(gym.Env):
         start, eps0, uniform, normal = episode_noise(seed, len(self.starts), self.max_steps, latent)
         mu, logsigma = self.starts[start]
         h, c = self.mdrnn.initial_state(1, "cpu")
-        self._state = {"z": (mu + logsigma.exp() * eps0).unsqueeze(0), "h": h, "c": c, "t": 0, "uniform": uniform, "normal": normal}
+        self._state = {
+            "z": (mu + logsigma.exp() * eps0).unsqueeze(0),
+            "h": h,
+            "c": c,
+            "t": 0,
+            "uniform": uniform,
+            "normal": normal,
+        }
         if self.render_mode == "human":
             self.render()
         return self._observation(), {"start": start}
@@ -93,12 +103,20 @@ class SimulatedCarRacing(gym.Env):
     @torch.no_grad()
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         s = self._state
-        action = torch.as_tensor(np.clip(action, self.action_space.low, self.action_space.high), dtype=torch.float32).view(1, -1)
+        action = torch.as_tensor(
+            np.clip(action, self.action_space.low, self.action_space.high), dtype=torch.float32
+        ).view(1, -1)
         out = self.mdrnn(s["z"], action, (s["h"], s["c"]))
         reward = float(out.reward[0])
         terminated = bool(torch.sigmoid(out.done_logit[0]) > DONE_THRESHOLD)
         t = s["t"]
-        s["z"] = sample_gmm(out.mu, out.logsigma, out.logpi, self.temperature, noise=(s["uniform"][t : t + 1], s["normal"][t : t + 1]))
+        s["z"] = sample_gmm(
+            out.mu,
+            out.logsigma,
+            out.logpi,
+            self.temperature,
+            noise=(s["uniform"][t : t + 1], s["normal"][t : t + 1]),
+        )
         s["h"], s["c"] = out.hidden
         s["t"] = t + 1
         truncated = s["t"] >= self.max_steps and not terminated

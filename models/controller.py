@@ -33,16 +33,21 @@ class Controller(nn.Module):
     @property
     def config(self) -> dict:
         """Constructor arguments, so a checkpoint can rebuild the model with Controller(**config)."""
-        return dict(latent_size=self.latent_size, hidden_size=self.hidden_size,
-                    action_size=self.action_size)
+        return dict(latent_size=self.latent_size, hidden_size=self.hidden_size, action_size=self.action_size)
 
     def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """z (..., L), h (..., H) -> action (..., A), always inside the action box."""
         return squash_action(self.fc(torch.cat([z, h], dim=-1)))
 
 
-def batched_actions(flat_params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
-                    latent_size: int, hidden_size: int, action_size: int = 3) -> torch.Tensor:
+def batched_actions(
+    flat_params: torch.Tensor,
+    z: torch.Tensor,
+    h: torch.Tensor,
+    latent_size: int,
+    hidden_size: int,
+    action_size: int = 3,
+) -> torch.Tensor:
     """Apply a whole population of controllers at once: one batched matmul instead of P modules.
 
     flat_params (P, n_params) uses the layout of parameters_to_vector(Controller(...).parameters()):
@@ -52,8 +57,9 @@ def batched_actions(flat_params: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
     P, in_size = flat_params.shape[0], latent_size + hidden_size
     n_weight = action_size * in_size
     if flat_params.shape[1] != n_weight + action_size:
-        raise ValueError(f"expected {n_weight + action_size} params per controller, "
-                         f"got {flat_params.shape[1]}")
+        raise ValueError(
+            f"expected {n_weight + action_size} params per controller, got {flat_params.shape[1]}"
+        )
     weight = flat_params[:, :n_weight].reshape(P, action_size, in_size)  # (P, A, L+H)
     bias = flat_params[:, n_weight:].unsqueeze(1)  # (P, 1, A)
     # W [z, h] = W_z z + W_h h: two batched matmuls instead of concatenating a (P, N, L+H) copy

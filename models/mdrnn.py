@@ -28,20 +28,21 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 class MDNOutput(NamedTuple):
     """MDN-RNN output. Shapes for MDRNN; MDRNNCell has the same without the T dim."""
 
-    mu: torch.Tensor          # (B, T, L, K)
-    logsigma: torch.Tensor    # (B, T, L, K)
-    logpi: torch.Tensor       # (B, T, L, K), log-softmax normalised over K
-    reward: torch.Tensor      # (B, T)
+    mu: torch.Tensor  # (B, T, L, K)
+    logsigma: torch.Tensor  # (B, T, L, K)
+    logpi: torch.Tensor  # (B, T, L, K), log-softmax normalised over K
+    reward: torch.Tensor  # (B, T)
     done_logit: torch.Tensor  # (B, T)
     hidden: tuple[torch.Tensor, torch.Tensor]  # (h, c), each (B, H): final LSTM state
-    h: torch.Tensor           # (B, T, H): LSTM output at every step (the controller's input)
+    h: torch.Tensor  # (B, T, H): LSTM output at every step (the controller's input)
 
 
 class _MDRNNBase(nn.Module):
     """Layers and head-splitting shared by MDRNN and MDRNNCell."""
 
-    def __init__(self, latent_size: int = 32, action_size: int = 3,
-                 hidden_size: int = 256, gaussians: int = 5):
+    def __init__(
+        self, latent_size: int = 32, action_size: int = 3, hidden_size: int = 256, gaussians: int = 5
+    ):
         super().__init__()
         self.latent_size = latent_size
         self.action_size = action_size
@@ -54,18 +55,24 @@ class _MDRNNBase(nn.Module):
     @property
     def config(self) -> dict:
         """Constructor arguments, so a checkpoint can rebuild either class with Cls(**config)."""
-        return dict(latent_size=self.latent_size, action_size=self.action_size,
-                    hidden_size=self.hidden_size, gaussians=self.gaussians)
+        return dict(
+            latent_size=self.latent_size,
+            action_size=self.action_size,
+            hidden_size=self.hidden_size,
+            gaussians=self.gaussians,
+        )
 
-    def initial_state(self, batch_size: int, device: torch.device | str | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_state(
+        self, batch_size: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero (h, c), each (B, H), on `device` (default: the model's device)."""
         p = next(self.parameters())
         h = torch.zeros(batch_size, self.hidden_size, device=device or p.device, dtype=p.dtype)
         return h, h.clone()
 
-    def _run(self, latents: torch.Tensor, actions: torch.Tensor,
-             hidden: tuple[torch.Tensor, torch.Tensor] | None) -> MDNOutput:
+    def _run(
+        self, latents: torch.Tensor, actions: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> MDNOutput:
         """latents (B, T, L), actions (B, T, A), hidden (h, c) of (B, H) or None -> MDNOutput."""
         if hidden is not None:  # nn.LSTM wants (num_layers=1, B, H); accept both layouts
             hidden = tuple(s if s.dim() == 3 else s.unsqueeze(0) for s in hidden)
@@ -74,17 +81,22 @@ class _MDRNNBase(nn.Module):
         n = self.latent_size * self.gaussians
         shape = (self.latent_size, self.gaussians)
         mu = out[..., :n].unflatten(-1, shape)
-        logsigma = out[..., n:2 * n].unflatten(-1, shape)
-        logpi = out[..., 2 * n:3 * n].unflatten(-1, shape).log_softmax(dim=-1)
-        return MDNOutput(mu, logsigma, logpi, out[..., -2], out[..., -1],
-                         (h_n.squeeze(0), c_n.squeeze(0)), h_seq)
+        logsigma = out[..., n : 2 * n].unflatten(-1, shape)
+        logpi = out[..., 2 * n : 3 * n].unflatten(-1, shape).log_softmax(dim=-1)
+        return MDNOutput(
+            mu, logsigma, logpi, out[..., -2], out[..., -1], (h_n.squeeze(0), c_n.squeeze(0)), h_seq
+        )
 
 
 class MDRNN(_MDRNNBase):
     """Sequence form, for training on (B, T) batches."""
 
-    def forward(self, latents: torch.Tensor, actions: torch.Tensor,
-                hidden: tuple[torch.Tensor, torch.Tensor] | None = None) -> MDNOutput:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        actions: torch.Tensor,
+        hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> MDNOutput:
         """latents (B, T, L), actions (B, T, A), hidden (h, c) each (B, H) or None (zeros).
 
         Output t predicts step t+1 (latents[:, t+1], the reward and done of taking actions[:, t]).
@@ -98,8 +110,12 @@ class MDRNNCell(_MDRNNBase):
     Runs the same nn.LSTM on a length-1 sequence, which keeps the state_dict identical to MDRNN's.
     """
 
-    def forward(self, latent: torch.Tensor, action: torch.Tensor,
-                hidden: tuple[torch.Tensor, torch.Tensor] | None = None) -> MDNOutput:
+    def forward(
+        self,
+        latent: torch.Tensor,
+        action: torch.Tensor,
+        hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> MDNOutput:
         """latent (B, L), action (B, A), hidden (h, c) each (B, H) or None -> MDNOutput without T."""
         out = self._run(latent.unsqueeze(1), action.unsqueeze(1), hidden)
         return out._replace(**{f: getattr(out, f).squeeze(1) for f in out._fields if f != "hidden"})
@@ -117,8 +133,13 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.where(keep, x, 0.0).sum() / keep.sum().clamp(min=1)
 
 
-def gmm_loss(target: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor,
-             logpi: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def gmm_loss(
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logsigma: torch.Tensor,
+    logpi: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Negative log-likelihood of target (..., L) under per-dimension mixtures (..., L, K).
 
     Reduction: mean over every (leading..., latent) element, i.e. NLL per latent dimension, which
@@ -137,9 +158,14 @@ def gmm_loss(target: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor,
     return _masked_mean(nll, mask)
 
 
-def sample_gmm(mu: torch.Tensor, logsigma: torch.Tensor, logpi: torch.Tensor,
-               temperature: float = 1.0, generator: torch.Generator | None = None,
-               noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def sample_gmm(
+    mu: torch.Tensor,
+    logsigma: torch.Tensor,
+    logpi: torch.Tensor,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Draw one sample per latent dimension from mixtures (..., L, K) -> (..., L).
 
     Ha's temperature: mixture logits are divided by tau (then renormalised) and sigma is scaled by
@@ -165,10 +191,16 @@ def sample_gmm(mu: torch.Tensor, logsigma: torch.Tensor, logpi: torch.Tensor,
     return mu_k + sigma_k * eps
 
 
-def mdrnn_loss(out: MDNOutput, next_latents: torch.Tensor, rewards: torch.Tensor,
-               terminals: torch.Tensor, mask: torch.Tensor | None = None,
-               reward_weight: float = 1.0, done_weight: float = 1.0,
-               next_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def mdrnn_loss(
+    out: MDNOutput,
+    next_latents: torch.Tensor,
+    rewards: torch.Tensor,
+    terminals: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reward_weight: float = 1.0,
+    done_weight: float = 1.0,
+    next_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """GMM NLL of next_latents (B, T, L) + reward_weight * MSE(reward) + done_weight * BCE(done).
 
     rewards and terminals are (B, T); mask (B, T) selects valid steps of padded sequences, with the
@@ -178,7 +210,11 @@ def mdrnn_loss(out: MDNOutput, next_latents: torch.Tensor, rewards: torch.Tensor
     """
     gmm = gmm_loss(next_latents, out.mu, out.logsigma, out.logpi, mask if next_mask is None else next_mask)
     reward = _masked_mean((out.reward - rewards).pow(2), mask)
-    done = _masked_mean(F.binary_cross_entropy_with_logits(
-        out.done_logit, terminals.to(out.done_logit.dtype), reduction="none"), mask)
+    done = _masked_mean(
+        F.binary_cross_entropy_with_logits(
+            out.done_logit, terminals.to(out.done_logit.dtype), reduction="none"
+        ),
+        mask,
+    )
     loss = gmm + reward_weight * reward + done_weight * done
     return dict(loss=loss, gmm=gmm, reward=reward, done=done)

@@ -34,10 +34,14 @@ class VAE(nn.Module):
         self.img_channels = img_channels
         # 64 -> 31 -> 14 -> 6 -> 2 (no padding), so 256 * 2 * 2 = 1024 features
         self.encoder = nn.Sequential(
-            nn.Conv2d(img_channels, 32, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 128, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(128, 256, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(img_channels, 32, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(128, 256, 4, stride=2),
+            nn.ReLU(),
             nn.Flatten(),
         )
         self.fc_mu = nn.Linear(1024, latent_size)
@@ -46,10 +50,14 @@ class VAE(nn.Module):
         self.fc_dec = nn.Linear(latent_size, 1024)
         self.decoder = nn.Sequential(
             nn.Unflatten(1, (1024, 1, 1)),
-            nn.ConvTranspose2d(1024, 128, 5, stride=2), nn.ReLU(),
-            nn.ConvTranspose2d(128, 64, 5, stride=2), nn.ReLU(),
-            nn.ConvTranspose2d(64, 32, 6, stride=2), nn.ReLU(),
-            nn.ConvTranspose2d(32, img_channels, 6, stride=2), nn.Sigmoid(),
+            nn.ConvTranspose2d(1024, 128, 5, stride=2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(128, 64, 5, stride=2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 6, stride=2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, img_channels, 6, stride=2),
+            nn.Sigmoid(),
         )
 
     @property
@@ -94,8 +102,10 @@ class VAE(nn.Module):
             mu, logsigma = self.encode(x)  # (chunk, latent)
             mus.append(mu)
             logsigmas.append(logsigma)
-        return (torch.cat(mus).reshape(*lead, self.latent_size),
-                torch.cat(logsigmas).reshape(*lead, self.latent_size))
+        return (
+            torch.cat(mus).reshape(*lead, self.latent_size),
+            torch.cat(logsigmas).reshape(*lead, self.latent_size),
+        )
 
 
 def vae_loss(

@@ -13,9 +13,10 @@ are written once, in pool/base.py, for both backends.
 pool/local.py), or the same interface on Ray actors ("ray", pool/ray_backend.py, imported
 only then: Ray is optional).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pool.base import BasePool, WorkerError
 from pool.local import WorkerPool
@@ -29,12 +30,20 @@ RAY_INSTALL = "pip install -r requirements-ray.txt"
 
 def add_backend_args(parser) -> None:
     """--backend and --ray-address, worded alike in every script that runs a pool."""
-    parser.add_argument("--backend", choices=BACKENDS, default="local",
-                        help="local: worker processes on this machine (default); ray: Ray actors, on a cluster "
-                             f"or a local Ray (needs `{RAY_INSTALL}`)")
-    parser.add_argument("--ray-address", metavar="HOST:PORT", default=None,
-                        help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else a local Ray "
-                             "started for this run)")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local: worker processes on this machine (default); ray: Ray actors, on a cluster "
+        f"or a local Ray (needs `{RAY_INSTALL}`)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        default=None,
+        help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else a local Ray "
+        "started for this run)",
+    )
 
 
 def check_backend(backend: str, ray_address: str | None = None) -> None:
@@ -52,7 +61,9 @@ def check_backend(backend: str, ray_address: str | None = None) -> None:
     try:
         from pool import ray_backend  # optional dependency: only when asked for
     except ImportError as error:
-        fail(f"--backend ray needs Ray, which this Python cannot import ({error}); install it with: {RAY_INSTALL}")
+        fail(
+            f"--backend ray needs Ray, which this Python cannot import ({error}); install it with: {RAY_INSTALL}"
+        )
     ray_backend.check_address(ray_address)
 
 
@@ -75,9 +86,18 @@ def make_pool(
     if backend == "local":
         if ray_address:
             raise ValueError("ray_address needs backend='ray'")
-        return WorkerPool(workers, initializer, initargs, task_timeout=task_timeout, max_retries=max_retries, log=log)
+        return WorkerPool(
+            workers, initializer, initargs, task_timeout=task_timeout, max_retries=max_retries, log=log
+        )
     check_backend(backend, ray_address)
     from pool.ray_backend import RayPool  # optional dependency: only when asked for
 
-    return RayPool(workers, initializer, initargs, task_timeout=task_timeout, max_retries=max_retries, log=log,
-                   address=ray_address)
+    return RayPool(
+        workers,
+        initializer,
+        initargs,
+        task_timeout=task_timeout,
+        max_retries=max_retries,
+        log=log,
+        address=ray_address,
+    )

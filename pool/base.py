@@ -17,12 +17,14 @@ stops one worker, sends it a task and reports what happened since the last look,
 - any exception in `map` (Ctrl-C, a task error, `on_result` raising) stops every worker
   before it propagates: nothing keeps running behind the caller's back.
 """
+
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Self
+from typing import Any, Self
 
 _POLL_S = 0.5  # longest wait for news from the workers before checking timeouts again
 
@@ -149,7 +151,9 @@ class BasePool:
         self.close()
 
     # -- running tasks -------------------------------------------------------------------
-    def map(self, fn: Callable, tasks: Iterable[tuple], on_result: Callable[[int, Any], None] | None = None) -> list:
+    def map(
+        self, fn: Callable, tasks: Iterable[tuple], on_result: Callable[[int, Any], None] | None = None
+    ) -> list:
         """Run `fn(*task)` for every task on the workers; results in task order.
 
         `on_result(index, result)` is called in the main process as each task finishes
@@ -217,14 +221,18 @@ class BasePool:
         if task_id is not None:
             run.retries[task_id] = run.retries.get(task_id, 0) + 1
             if run.retries[task_id] > self.max_retries:
-                raise WorkerError(f"{run.describe(task_id)}: its worker {reason}, {self.max_retries + 1} times; giving up")
+                raise WorkerError(
+                    f"{run.describe(task_id)}: its worker {reason}, {self.max_retries + 1} times; giving up"
+                )
             run.pending.append(task_id)
             news = f"on task {task_id}; replacing it and rerunning the task"
         elif not slot.ready:
             self._startup_deaths += 1
             if self._startup_deaths > self.max_retries:
-                raise WorkerError(f"a worker {reason} while starting up, {self.max_retries + 1} times in a row; "
-                                  f"giving up{self.startup_hint}")
+                raise WorkerError(
+                    f"a worker {reason} while starting up, {self.max_retries + 1} times in a row; "
+                    f"giving up{self.startup_hint}"
+                )
             news = "while starting up; replacing it"
         else:
             news = "while idle; replacing it"

@@ -15,6 +15,7 @@ A worker says "started" when it has received a task, i.e. after unpickling it, w
 imports the task's module: that import is not timed. A worker whose main process is gone
 (killed with `kill -9`) leaves at once and quietly, without finishing its task.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -23,9 +24,9 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Callable
 
 from pool.base import BasePool, Event, Slot
 
@@ -104,7 +105,9 @@ class WorkerPool(BasePool):
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child, self.initializer, self.initargs), daemon=True)
+        process = self._ctx.Process(
+            target=_worker_main, args=(child, self.initializer, self.initargs), daemon=True
+        )
         process.start()
         child.close()
         return _Worker(process=process, conn=parent)

@@ -31,6 +31,7 @@ Where Ray runs:
   task arguments (--logdir, --rootdir) must name the same files on every node, i.e. a
   shared filesystem (actors start in the driver's working directory when it exists there).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,9 +43,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -110,8 +112,10 @@ def check_address(address: str | None) -> None:
         return
     problem = _reachable(*target, timeout=5.0)
     if problem is not None:
-        fail(f"cannot reach a Ray cluster at {address} ({problem}); start one with "
-             f"`ray start --head --port {target[1]}` or fix --ray-address / RAY_ADDRESS")
+        fail(
+            f"cannot reach a Ray cluster at {address} ({problem}); start one with "
+            f"`ray start --head --port {target[1]}` or fix --ray-address / RAY_ADDRESS"
+        )
 
 
 def _keep_loopback() -> None:
@@ -152,9 +156,11 @@ def connect(address: str | None, cpus: int) -> bool:
         where = f"join the Ray cluster at {address}" if address else "start a local Ray"
         details = "".join(traceback.format_exception(error))
         if "InvalidAuthToken" in details or "AuthenticationError" in details:
-            fail(f"cannot {where}: its token authentication refused this process; set RAY_AUTH_MODE=token "
-                 f"and give it the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH), or RAY_AUTH_MODE "
-                 f"to the cluster's own setting")
+            fail(
+                f"cannot {where}: its token authentication refused this process; set RAY_AUTH_MODE=token "
+                f"and give it the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH), or RAY_AUTH_MODE "
+                f"to the cluster's own setting"
+            )
         first = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
         fail(f"cannot {where} ({type(error).__name__}: {first})")
     finally:
@@ -330,14 +336,19 @@ class RayPool(BasePool):
         # wait for CPUs other jobs hold are bounded by start_timeout instead.
         total = int(ray.cluster_resources().get("CPU", 0))
         if total < self.n_workers:
-            self.log(f"warning: the Ray cluster has {total} CPU(s); using {max(total, 1)} worker(s) instead of {self.n_workers}")
+            self.log(
+                f"warning: the Ray cluster has {total} CPU(s); using {max(total, 1)} worker(s) instead of {self.n_workers}"
+            )
             self.n_workers = max(total, 1)
         self._initializer = _portable(self.initializer)
         # Actors import the project from this checkout, and (through sys.path entries inside it,
         # e.g. tests/, or a script's own folder) whatever module defines the task functions.
         prefix = Path(sys.prefix).resolve()  # a .venv inside the checkout is not project code
-        paths = [str(ROOT)] + [p for p in sys.path if p and Path(p).resolve().is_relative_to(ROOT)
-                               and not Path(p).resolve().is_relative_to(prefix)]
+        paths = [str(ROOT)] + [
+            p
+            for p in sys.path
+            if p and Path(p).resolve().is_relative_to(ROOT) and not Path(p).resolve().is_relative_to(prefix)
+        ]
         main = _main_file()
         if main is not None and not main.is_relative_to(ROOT):
             paths.append(str(main.parent))  # a script elsewhere: its functions import by file name
@@ -346,7 +357,9 @@ class RayPool(BasePool):
         self._runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
 
     def _start(self) -> _Actor:
-        actor = _RemoteWorker.options(runtime_env=self._runtime_env).remote(self._initializer, self.initargs, os.getcwd())
+        actor = _RemoteWorker.options(runtime_env=self._runtime_env).remote(
+            self._initializer, self.initargs, os.getcwd()
+        )
         return _Actor(actor=actor, ready_ref=actor.ready.remote(), created=time.monotonic())
 
     def _stop(self, slot: _Actor) -> None:
@@ -380,8 +393,14 @@ class RayPool(BasePool):
 
     def _poll(self, timeout: float) -> list[Event]:
         # Every call in flight: (order, slot, what its result means); a slot's start comes before its task.
-        waiting = {slot.ready_ref: (0, slot, self._started) for slot in self._slots if slot.ready_ref is not None}
-        waiting |= {slot.prepare_ref: (1, slot, self._prepared) for slot in self._slots if slot.prepare_ref is not None}
+        waiting = {
+            slot.ready_ref: (0, slot, self._started) for slot in self._slots if slot.ready_ref is not None
+        }
+        waiting |= {
+            slot.prepare_ref: (1, slot, self._prepared)
+            for slot in self._slots
+            if slot.prepare_ref is not None
+        }
         waiting |= {slot.ref: (2, slot, self._finished) for slot in self._slots if slot.ref is not None}
         done = ray.wait(list(waiting), num_returns=1, timeout=timeout)[0] if waiting else []
         if done:  # take everything that has finished meanwhile, not one per poll
@@ -392,8 +411,10 @@ class RayPool(BasePool):
         now = time.monotonic()
         for slot in self._slots:
             if slot.ready_ref is not None and now - slot.created > self.start_timeout:
-                raise WorkerError(f"a Ray worker did not start within {self.start_timeout:.0f}s "
-                                  f"(no free CPU in the cluster? see `ray status`)")
+                raise WorkerError(
+                    f"a Ray worker did not start within {self.start_timeout:.0f}s "
+                    f"(no free CPU in the cluster? see `ray status`)"
+                )
         return events
 
     def _started(self, slot: _Actor) -> tuple[str, Any]:
@@ -428,4 +449,8 @@ class RayPool(BasePool):
             return "died", f"was lost ({type(error).__name__})"
 
     def _name(self, slot: _Actor) -> str:
-        return f"Ray worker pid {slot.pid} on {slot.host}" if slot.pid is not None else "Ray worker (not started yet)"
+        return (
+            f"Ray worker pid {slot.pid} on {slot.host}"
+            if slot.pid is not None
+            else "Ray worker (not started yet)"
+        )

@@ -9,6 +9,7 @@ action repeat); optimizer states, RNG states, logs and the latent cache are left
 The test's `ctrl/eval/returns.csv` and GIF come along when present, as `OUT/test_returns.csv`
 and `OUT/episode.gif` (outside `ctrl/eval/`, which a new test run rewrites).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,9 +22,21 @@ from utils.files import atomic_write
 KEEP = {  # stage -> the checkpoint entries evaluation and a curious reader need
     "vae": ("state_dict", "config", "epoch", "best_loss"),
     "mdrnn": ("state_dict", "config", "epoch", "best_loss"),
-    "ctrl": ("state_dict", "config", "generation", "eval_return", "eval_std", "eval_episodes", "search", "action_repeat"),
+    "ctrl": (
+        "state_dict",
+        "config",
+        "generation",
+        "eval_return",
+        "eval_std",
+        "eval_episodes",
+        "search",
+        "action_repeat",
+    ),
 }
-EVAL_FILES = {"returns.csv": "test_returns.csv", "episode.gif": "episode.gif"}  # ctrl/eval/ name -> name in OUT
+EVAL_FILES = {
+    "returns.csv": "test_returns.csv",
+    "episode.gif": "episode.gif",
+}  # ctrl/eval/ name -> name in OUT
 
 
 def export(logdir: str | Path, out: str | Path) -> list[Path]:
@@ -47,13 +60,19 @@ def export(logdir: str | Path, out: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description="Copy V, M and C's best checkpoints, stripped to what evaluation needs, to a new logdir.")
+    parser = ArgumentParser(
+        description="Copy V, M and C's best checkpoints, stripped to what evaluation needs, to a new logdir."
+    )
     parser.add_argument("--logdir", required=True, help="the trained run folder (vae/, mdrnn/, ctrl/)")
-    parser.add_argument("--out", type=writable_dir, required=True, help="the folder to write (e.g. pretrained/carracing-k4)")
+    parser.add_argument(
+        "--out", type=writable_dir, required=True, help="the folder to write (e.g. pretrained/carracing-k4)"
+    )
     args = parser.parse_args(argv)
     written = export(args.logdir, args.out)
     size = sum(p.stat().st_size for p in written) / 2**20
-    print(f"exported {len(written)} files ({size:.1f} MB) to {args.out}; try: python test_controller.py --logdir {args.out} --display")
+    print(
+        f"exported {len(written)} files ({size:.1f} MB) to {args.out}; try: python test_controller.py --logdir {args.out} --display"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ score is computed from, so picture and text always agree). Stage wall times come
 It only reads: a stage that has not run, or a file that cannot be read, becomes a line in
 the report's "Missing" section instead of an error, so it can be run at any point of a run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,13 @@ from utils.files import atomic_write, remove_orphaned_temps
 from utils.logs import plt  # matplotlib on the headless Agg backend
 
 STAGE_ORDER = ["data", "vae", "mdrnn", "ctrl", "test"]
-MAKE_TARGET = {"data": "make data", "vae": "make vae", "mdrnn": "make mdrnn", "ctrl": "make ctrl", "test": "make evaluate"}
+MAKE_TARGET = {
+    "data": "make data",
+    "vae": "make vae",
+    "mdrnn": "make mdrnn",
+    "ctrl": "make ctrl",
+    "test": "make evaluate",
+}
 
 
 class Report:
@@ -101,8 +108,10 @@ def read_returns(path: Path) -> np.ndarray | None:
 
 
 def score_text(returns: np.ndarray) -> str:
-    return (f"{returns.mean():.1f} ± {returns.std():.1f} over {returns.size} episodes "
-            f"(min {returns.min():.1f}, max {returns.max():.1f})")
+    return (
+        f"{returns.mean():.1f} ± {returns.std():.1f} over {returns.size} episodes "
+        f"(min {returns.min():.1f}, max {returns.max():.1f})"
+    )
 
 
 def histogram(returns: np.ndarray, path: Path) -> None:
@@ -121,6 +130,7 @@ def histogram(returns: np.ndarray, path: Path) -> None:
 
 # -- sections -----------------------------------------------------------------------------------
 
+
 def score_section(report: Report) -> None:
     eval_dir = report.logdir / "ctrl" / "eval"
     report.add("## Final score", "")
@@ -137,7 +147,13 @@ def score_section(report: Report) -> None:
     gifs = sorted(eval_dir.glob("*.gif"), key=lambda p: p.stat().st_mtime) if eval_dir.is_dir() else []
     if gifs:
         report.add("One test episode (episode 0):", "")
-    report.copy(gifs[-1] if gifs else None, "episode.gif", "GIF of a test episode (test_controller.py --record)", "test", "test episode 0")
+    report.copy(
+        gifs[-1] if gifs else None,
+        "episode.gif",
+        "GIF of a test episode (test_controller.py --record)",
+        "test",
+        "test episode 0",
+    )
 
 
 def timings_section(report: Report) -> None:
@@ -146,18 +162,27 @@ def timings_section(report: Report) -> None:
     if not rows:
         report.lack("stage timings (report/timings.csv, written when the stages run through make)", None)
         return
-    stages = sorted({r["stage"] for r in rows}, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))
-    report.add("| stage | wall time, all runs | runs | last run | last run started | last exit status |",
-               "|---|---:|---:|---:|---|---:|")
+    stages = sorted(
+        {r["stage"] for r in rows},
+        key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s),
+    )
+    report.add(
+        "| stage | wall time, all runs | runs | last run | last run started | last exit status |",
+        "|---|---:|---:|---:|---|---:|",
+    )
     total = 0.0
     for stage in stages:
         mine = [r for r in rows if r["stage"] == stage]
         seconds = sum(float(r["seconds"]) for r in mine)
         total += seconds
         last = mine[-1]
-        report.add(f"| {stage} | {duration(seconds)} | {len(mine)} | {duration(float(last['seconds']))} | {last['started']} | {last['status']} |")
+        report.add(
+            f"| {stage} | {duration(seconds)} | {len(mine)} | {duration(float(last['seconds']))} | {last['started']} | {last['status']} |"
+        )
     report.add(f"| **total** | **{duration(total)}** | | | | |", "")
-    report.add("A stage that was interrupted and resumed has several runs; the first column is their sum.", "")
+    report.add(
+        "A stage that was interrupted and resumed has several runs; the first column is their sum.", ""
+    )
     for stage in STAGE_ORDER:
         if stage not in stages:
             report.missing.append(f"timing of stage {stage} (`{MAKE_TARGET[stage]}` records it)")
@@ -169,7 +194,10 @@ def data_section(report: Report, dataset: Path | None) -> None:
         try:
             with np.load(report.logdir / "mdrnn" / "latents.npz") as cache:
                 lengths = cache["lengths"]
-            report.add(f"{lengths.size} rollouts, {int(lengths.sum()):,} frames in M's latent cache (no --dataset given).", "")
+            report.add(
+                f"{lengths.size} rollouts, {int(lengths.sum()):,} frames in M's latent cache (no --dataset given).",
+                "",
+            )
         except (OSError, KeyError, ValueError):
             report.add("No --dataset given and no latent cache (mdrnn/latents.npz) to count from.", "")
         return
@@ -179,8 +207,11 @@ def data_section(report: Report, dataset: Path | None) -> None:
         report.lack(f"rollouts under {dataset}", "data")
         return
     mib = sum(p.stat().st_size for p in paths) / 2**20
-    report.add(f"{len(paths)} rollouts, {sum(lengths):,} frames (mean {np.mean(lengths):.0f} steps per rollout), "
-               f"{mib:.{0 if mib >= 10 else 1}f} MiB under `{dataset}`.", "")
+    report.add(
+        f"{len(paths)} rollouts, {sum(lengths):,} frames (mean {np.mean(lengths):.0f} steps per rollout), "
+        f"{mib:.{0 if mib >= 10 else 1}f} MiB under `{dataset}`.",
+        "",
+    )
 
 
 def model_section(report: Report, stage: str, title: str) -> None:
@@ -192,24 +223,64 @@ def model_section(report: Report, stage: str, title: str) -> None:
         report.lack(f"{stage}/best.pt", stage)
     else:
         trained = f" of {last['epoch']} trained" if last is not None and "epoch" in last else ""
-        split = f", test set: {len(best['test_rollouts'])} held-out rollouts" if "test_rollouts" in best else ""
-        report.add(f"Best test loss **{best['best_loss']:.5g}** at epoch {best.get('epoch', '?')}{trained}{split}.", "")
+        split = (
+            f", test set: {len(best['test_rollouts'])} held-out rollouts" if "test_rollouts" in best else ""
+        )
+        report.add(
+            f"Best test loss **{best['best_loss']:.5g}** at epoch {best.get('epoch', '?')}{trained}{split}.",
+            "",
+        )
     if stage == "vae":
-        report.add("Reconstructions of fixed test frames (each row of frames above its reconstruction), latest epoch:", "")
-        report.copy(latest(folder / "images", "recon_*.png"), "vae_recon.png", "V reconstructions (vae/images/recon_*.png)", stage, "V reconstructions")
+        report.add(
+            "Reconstructions of fixed test frames (each row of frames above its reconstruction), latest epoch:",
+            "",
+        )
+        report.copy(
+            latest(folder / "images", "recon_*.png"),
+            "vae_recon.png",
+            "V reconstructions (vae/images/recon_*.png)",
+            stage,
+            "V reconstructions",
+        )
         report.add("Decoded draws from the prior N(0, I):", "")
-        report.copy(latest(folder / "images", "samples_*.png"), "vae_samples.png", "V samples (vae/images/samples_*.png)", stage, "V samples")
-        report.copy(folder / "curves.png", "vae_curves.png", "V learning curves (vae/curves.png)", stage, "V learning curves")
+        report.copy(
+            latest(folder / "images", "samples_*.png"),
+            "vae_samples.png",
+            "V samples (vae/images/samples_*.png)",
+            stage,
+            "V samples",
+        )
+        report.copy(
+            folder / "curves.png",
+            "vae_curves.png",
+            "V learning curves (vae/curves.png)",
+            stage,
+            "V learning curves",
+        )
     else:
-        report.copy(folder / "curves.png", "mdrnn_curves.png", "M learning curves (mdrnn/curves.png)", stage, "M learning curves")
+        report.copy(
+            folder / "curves.png",
+            "mdrnn_curves.png",
+            "M learning curves (mdrnn/curves.png)",
+            stage,
+            "M learning curves",
+        )
         report.add("Predicted vs true next latents and rewards on a test rollout:", "")
-        report.copy(folder / "prediction.png", "mdrnn_prediction.png", "M predictions (mdrnn/prediction.png)", stage, "M predictions")
+        report.copy(
+            folder / "prediction.png",
+            "mdrnn_prediction.png",
+            "M predictions (mdrnn/prediction.png)",
+            stage,
+            "M predictions",
+        )
 
 
 def ctrl_mode(report: Report) -> str:
     """Where candidates were scored, read from the last ctrl command in timings.csv (the
     checkpoints do not say): ", candidates scored in M's dream (--temperature 1.15)" or ""."""
-    commands = [r["command"].split() for r in read_timings(report.out / "timings.csv") if r["stage"] == "ctrl"]
+    commands = [
+        r["command"].split() for r in read_timings(report.out / "timings.csv") if r["stage"] == "ctrl"
+    ]
     if not commands:
         return ""
     words = commands[-1]
@@ -227,21 +298,36 @@ def ctrl_section(report: Report) -> None:
         report.lack("ctrl/last.pt", "ctrl")
     else:
         search = ", ".join(f"{k} {v}" for k, v in dict(last.get("search", {})).items())
-        report.add(f"{last.get('generation', '?')} CMA-ES generations run ({search}){ctrl_mode(report)}; "
-                   f"final step size {float(last.get('sigma', math.nan)):.3g}.", "")
+        report.add(
+            f"{last.get('generation', '?')} CMA-ES generations run ({search}){ctrl_mode(report)}; "
+            f"final step size {float(last.get('sigma', math.nan)):.3g}.",
+            "",
+        )
     if best is None:
         report.lack("ctrl/best.pt (no evaluation of the CMA-ES mean yet)", "ctrl")
     else:
-        report.add(f"Best evaluation of the CMA-ES mean: **{float(best['eval_return']):.1f} ± {float(best.get('eval_std', math.nan)):.1f}** "
-                   f"over {best.get('eval_episodes', '?')} tracks at generation {best.get('generation', '?')} (this C is the one tested).", "")
-    report.copy(folder / "curves.png", "ctrl_curves.png", "C learning curves (ctrl/curves.png)", "ctrl", "CMA-ES learning curves")
+        report.add(
+            f"Best evaluation of the CMA-ES mean: **{float(best['eval_return']):.1f} ± {float(best.get('eval_std', math.nan)):.1f}** "
+            f"over {best.get('eval_episodes', '?')} tracks at generation {best.get('generation', '?')} (this C is the one tested).",
+            "",
+        )
+    report.copy(
+        folder / "curves.png",
+        "ctrl_curves.png",
+        "C learning curves (ctrl/curves.png)",
+        "ctrl",
+        "CMA-ES learning curves",
+    )
 
 
 def learning_curve(points: list[dict[str, float]], path: Path) -> None:
     """The evaluated return of the CMA-ES mean (mean ± std) against real env frames and wall minutes."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     mean, std = np.array([p["eval_mean"] for p in points]), np.array([p["eval_std"] for p in points])
-    for ax, key, label in ((axes[0], "env_frames", "real env frames (millions)"), (axes[1], "wall_min", "wall minutes of the C stage")):
+    for ax, key, label in (
+        (axes[0], "env_frames", "real env frames (millions)"),
+        (axes[1], "wall_min", "wall minutes of the C stage"),
+    ):
         x = np.array([p[key] for p in points]) / (1e6 if key == "env_frames" else 1)
         ax.plot(x, mean, marker="o", color="tab:blue")
         ax.fill_between(x, mean - std, mean + std, color="tab:blue", alpha=0.2)
@@ -263,29 +349,50 @@ def learning_curve_section(report: Report) -> None:
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
                 try:
-                    points.append({k: float(row[k]) for k in ("generation", "eval_mean", "eval_std", "env_frames", "wall_min")})
-                except (KeyError, TypeError, ValueError):  # a generation without an evaluation, or an older log
+                    points.append(
+                        {
+                            k: float(row[k])
+                            for k in ("generation", "eval_mean", "eval_std", "env_frames", "wall_min")
+                        }
+                    )
+                except (
+                    KeyError,
+                    TypeError,
+                    ValueError,
+                ):  # a generation without an evaluation, or an older log
                     continue
     if not points:
         (report.out / "learning_curve.png").unlink(missing_ok=True)
         report.lack("evaluations of the CMA-ES mean in ctrl/log.csv", "ctrl")
         return
     learning_curve(points, report.out / "learning_curve.png")
-    report.add("![return of the CMA-ES mean against env frames and wall minutes](learning_curve.png)", "",
-               "| generation | real env frames | wall minutes (C) | return of the CMA-ES mean |", "|---|---|---|---|",
-               *(f"| {p['generation']:.0f} | {p['env_frames'] / 1e6:.2f} M | {p['wall_min']:.1f} | {p['eval_mean']:.1f} ± {p['eval_std']:.1f} |"
-                 for p in points), "")
+    report.add(
+        "![return of the CMA-ES mean against env frames and wall minutes](learning_curve.png)",
+        "",
+        "| generation | real env frames | wall minutes (C) | return of the CMA-ES mean |",
+        "|---|---|---|---|",
+        *(
+            f"| {p['generation']:.0f} | {p['env_frames'] / 1e6:.2f} M | {p['wall_min']:.1f} | {p['eval_mean']:.1f} ± {p['eval_std']:.1f} |"
+            for p in points
+        ),
+        "",
+    )
 
 
 # -- the page ------------------------------------------------------------------------------------
+
 
 def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = None) -> Path:
     """Write L/report/report.md (and its pictures); returns its path. Never fails for missing pieces."""
     report = Report(Path(logdir))
     report.out.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temps(report.out)  # what a kill inside a write left behind
-    report.add(f"# World Models run `{logdir}`", "",
-               f"Built {datetime.now().astimezone().isoformat(timespec='seconds')} by `python -m reporting.report`.", "")
+    report.add(
+        f"# World Models run `{logdir}`",
+        "",
+        f"Built {datetime.now().astimezone().isoformat(timespec='seconds')} by `python -m reporting.report`.",
+        "",
+    )
     score_section(report)
     timings_section(report)
     data_section(report, Path(dataset) if dataset is not None else None)
@@ -294,7 +401,11 @@ def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = 
     ctrl_section(report)
     learning_curve_section(report)
     report.add("## Missing", "")
-    report.add(*(f"- {item}" for item in report.missing) if report.missing else ["Nothing: every stage's outputs are here."])
+    report.add(
+        *(f"- {item}" for item in report.missing)
+        if report.missing
+        else ["Nothing: every stage's outputs are here."]
+    )
     path = report.out / "report.md"
     with atomic_write(path, "w") as handle:
         handle.write("\n".join(report.lines) + "\n")
@@ -302,16 +413,24 @@ def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write L/report/report.md: stage timings, dataset, losses, CMA-ES, test score.")
+    parser = argparse.ArgumentParser(
+        description="Write L/report/report.md: stage timings, dataset, losses, CMA-ES, test score."
+    )
     parser.add_argument("--logdir", required=True, help="run folder (holds vae/, mdrnn/, ctrl/)")
     parser.add_argument("--dataset", help="rollout folder, to report its size (e.g. datasets/carracing)")
     args = parser.parse_args(argv)
     if not Path(args.logdir).is_dir():
-        print(f"error: {args.logdir} is not a folder; run the pipeline first (make pipeline LOGDIR={args.logdir})", file=sys.stderr)
+        print(
+            f"error: {args.logdir} is not a folder; run the pipeline first (make pipeline LOGDIR={args.logdir})",
+            file=sys.stderr,
+        )
         return 1
     path = build_report(args.logdir, args.dataset)
     returns = read_returns(Path(args.logdir) / "ctrl" / "eval" / "returns.csv")
-    print(f"report: {path}" + (f"; score {score_text(returns)}" if returns is not None else "; no test returns yet"))
+    print(
+        f"report: {path}"
+        + (f"; score {score_text(returns)}" if returns is not None else "; no test returns yet")
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ run). A failed or interrupted run still gets its row, with its exit status. A wr
 rather than shell `date` stamps so the Makefile keeps one line per stage and Ctrl-C still
 lets the stage save its checkpoint before the row is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,16 @@ def run_timed(stage: str, command: list[str], csv_path: str | os.PathLike) -> in
         process = subprocess.Popen(command)
     except OSError as error:  # e.g. the interpreter is missing: a row says so too
         print(f"error: cannot run {command[0]}: {error}", file=sys.stderr)
-        append_row(csv_path, dict(stage=stage, seconds="0.0", started=started, status=127, command=subprocess.list2cmdline(command)))
+        append_row(
+            csv_path,
+            dict(
+                stage=stage,
+                seconds="0.0",
+                started=started,
+                status=127,
+                command=subprocess.list2cmdline(command),
+            ),
+        )
         return 127
     # SIGTERM to this wrapper goes on to the stage, which saves and exits; Ctrl-C reaches the
     # stage by itself (same process group), so here it only means: keep waiting for it.
@@ -44,8 +54,16 @@ def run_timed(stage: str, command: list[str], csv_path: str | os.PathLike) -> in
         except KeyboardInterrupt:
             continue
     status = 128 - status if status < 0 else status
-    append_row(csv_path, dict(stage=stage, seconds=f"{time.perf_counter() - t0:.1f}", started=started,
-                              status=status, command=subprocess.list2cmdline(command)))
+    append_row(
+        csv_path,
+        dict(
+            stage=stage,
+            seconds=f"{time.perf_counter() - t0:.1f}",
+            started=started,
+            status=status,
+            command=subprocess.list2cmdline(command),
+        ),
+    )
     return status
 
 
@@ -71,7 +89,9 @@ def read_timings(csv_path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a command and append its wall time to a CSV (stage, seconds, started, status, command).")
+    parser = argparse.ArgumentParser(
+        description="Run a command and append its wall time to a CSV (stage, seconds, started, status, command)."
+    )
     parser.add_argument("--csv", required=True, help="timings file to append to")
     parser.add_argument("--stage", required=True, help="stage name for the row")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")

@@ -1,4 +1,5 @@
 """Shared fixtures: the repo root on sys.path, and a small real rollout dataset."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ actions held constant over blocks of 12 frames, so that stepping it k times by h
 same action (k in 1, 2, 3, 4) is a slice of the recording. The fast env, which skips drawing
 the frames in between, must give the same observations, summed rewards and end flags.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,14 +18,12 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from gymnasium.envs.box2d.car_racing import CarRacing  # noqa: E402
+from test_fast_carracing import _follow  # noqa: E402  (the fast-env tests' track follower)
 
 from envs.carracing import ActionRepeat, env_frames, make_env  # noqa: E402
 from envs.fast_carracing import FastCarRacing  # noqa: E402
-from test_fast_carracing import _follow  # noqa: E402  (the fast-env tests' track follower)
 
 BLOCK = 12  # actions change only every 12 frames: a multiple of every k tested
-
-
 
 
 def _policy(name: str, frame: int, car_env, rng: np.random.Generator) -> np.ndarray:
@@ -48,7 +47,15 @@ def _reference(seed: int, policy: str, max_frames: int) -> dict:
         assert type(env.unwrapped) is CarRacing
         rng = np.random.default_rng(seed)
         obs, _ = env.reset(seed=seed)
-        rec = {"reset": obs, "actions": [], "obs": [], "rewards": [], "terminated": [], "truncated": [], "infos": []}
+        rec = {
+            "reset": obs,
+            "actions": [],
+            "obs": [],
+            "rewards": [],
+            "terminated": [],
+            "truncated": [],
+            "infos": [],
+        }
         for frame in range(max_frames):
             if frame % BLOCK == 0:
                 action = _policy(policy, frame, env.unwrapped, rng)
@@ -102,7 +109,9 @@ def test_same_as_upstream_by_hand(k, monkeypatch):
     assert len(rec["obs"]) == 300 and not (rec["terminated"][-1] or rec["truncated"][-1])
     drawn = []
     render_road = FastCarRacing._render_road
-    monkeypatch.setattr(FastCarRacing, "_render_road", lambda self, *a: drawn.append(1) or render_road(self, *a))
+    monkeypatch.setattr(
+        FastCarRacing, "_render_road", lambda self, *a: drawn.append(1) or render_road(self, *a)
+    )
     env = make_env(action_repeat=k)
     assert isinstance(env.unwrapped, FastCarRacing)
     assert _replay(env, rec, k, seed=1, ended=False) == 300 // k

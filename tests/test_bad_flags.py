@@ -5,6 +5,7 @@ counts, absurd sizes, non-finite floats, negative tolerances, patiences and loss
 unknown devices, and output paths that are files or cannot be made. Parsing is tried
 in-process (cheap); one row per script also runs the script as a user would.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,21 +46,77 @@ def argv_for(required: list[str], flag: str, value: str) -> list[str]:
 
 
 BAD = {
-    "trainvae": [("--epochs", "0"), ("--batch-size", "-3"), ("--batch-size", "10000000"), ("--latent-size", "100000"),
-                 ("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1"), ("--kl-tolerance", "-0.5"), ("--patience", "-1"),
-                 ("--lr-patience", "-2"), ("--test-fraction", "1.5"), ("--device", "tpu"), ("--seed", "-1"),
-                 ("--seed", "x"), ("--logdir", A_FILE), ("--logdir", UNMAKEABLE), ("--buffer-size", "0")],
-    "trainmdrnn": [("--epochs", "-1"), ("--seq-len", "0"), ("--hidden-size", "99999999"), ("--gaussians", "0"),
-                   ("--reward-weight", "-1"), ("--done-weight", "inf"), ("--grad-clip", "-0.1"), ("--patience", "-5"),
-                   ("--device", "gpu0"), ("--seed", "-7"), ("--lr", "0"), ("--logdir", A_FILE)],
-    "traincontroller": [("--pop-size", "1"), ("--n-samples", "0"), ("--generations", "-2"), ("--sigma0", "0"),
-                        ("--sigma0", "inf"), ("--target-return", "nan"), ("--max-steps", "1000000"), ("--action-repeat", "0"),
-                        ("--stall-frames", "-1"), ("--task-timeout", "-1"), ("--temperature", "inf"), ("--seed", "-1"),
-                        ("--max-workers", "0"), ("--envs-per-worker", "0"), ("--backend", "mpi"), ("--logdir", UNMAKEABLE)],
-    "test_controller": [("--episodes", "0"), ("--max-steps", "5000"), ("--seed", "-3"), ("--workers", "-1"),
-                        ("--record", "/"), ("--record", UNMAKEABLE + "/a.gif"), ("--logdir", A_FILE), ("--task-timeout", "nan"), ("--envs-per-worker", "2000")],
-    "generation": [("--threads", "0"), ("--seed", "-1"), ("--max-steps", "10000000"), ("--action-repeat", "0"),
-                   ("--policy", "pink"), ("--rootdir", A_FILE), ("--rootdir", UNMAKEABLE)],
+    "trainvae": [
+        ("--epochs", "0"),
+        ("--batch-size", "-3"),
+        ("--batch-size", "10000000"),
+        ("--latent-size", "100000"),
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "-1"),
+        ("--kl-tolerance", "-0.5"),
+        ("--patience", "-1"),
+        ("--lr-patience", "-2"),
+        ("--test-fraction", "1.5"),
+        ("--device", "tpu"),
+        ("--seed", "-1"),
+        ("--seed", "x"),
+        ("--logdir", A_FILE),
+        ("--logdir", UNMAKEABLE),
+        ("--buffer-size", "0"),
+    ],
+    "trainmdrnn": [
+        ("--epochs", "-1"),
+        ("--seq-len", "0"),
+        ("--hidden-size", "99999999"),
+        ("--gaussians", "0"),
+        ("--reward-weight", "-1"),
+        ("--done-weight", "inf"),
+        ("--grad-clip", "-0.1"),
+        ("--patience", "-5"),
+        ("--device", "gpu0"),
+        ("--seed", "-7"),
+        ("--lr", "0"),
+        ("--logdir", A_FILE),
+    ],
+    "traincontroller": [
+        ("--pop-size", "1"),
+        ("--n-samples", "0"),
+        ("--generations", "-2"),
+        ("--sigma0", "0"),
+        ("--sigma0", "inf"),
+        ("--target-return", "nan"),
+        ("--max-steps", "1000000"),
+        ("--action-repeat", "0"),
+        ("--stall-frames", "-1"),
+        ("--task-timeout", "-1"),
+        ("--temperature", "inf"),
+        ("--seed", "-1"),
+        ("--max-workers", "0"),
+        ("--envs-per-worker", "0"),
+        ("--backend", "mpi"),
+        ("--logdir", UNMAKEABLE),
+    ],
+    "test_controller": [
+        ("--episodes", "0"),
+        ("--max-steps", "5000"),
+        ("--seed", "-3"),
+        ("--workers", "-1"),
+        ("--record", "/"),
+        ("--record", UNMAKEABLE + "/a.gif"),
+        ("--logdir", A_FILE),
+        ("--task-timeout", "nan"),
+        ("--envs-per-worker", "2000"),
+    ],
+    "generation": [
+        ("--threads", "0"),
+        ("--seed", "-1"),
+        ("--max-steps", "10000000"),
+        ("--action-repeat", "0"),
+        ("--policy", "pink"),
+        ("--rootdir", A_FILE),
+        ("--rootdir", UNMAKEABLE),
+    ],
 }
 CASES = [(script, flag, value) for script, rows in BAD.items() for flag, value in rows]
 
@@ -75,15 +132,25 @@ def test_bad_value_is_one_line_and_exit_2(script, flag, value, capsys):
     assert len(lines) == 1 and "error:" in lines[0] and flag in lines[0], err
 
 
-@pytest.mark.parametrize("script,args", [
-    ("trainvae.py", ["--logdir", "L", "--kl-tolerance", "-1"]),
-    ("trainmdrnn.py", ["--logdir", "L", "--device", "tpu"]),
-    ("data/generation_script.py", ["--rollouts", "1", "--seed", "-1"]),
-])
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("trainvae.py", ["--logdir", "L", "--kl-tolerance", "-1"]),
+        ("trainmdrnn.py", ["--logdir", "L", "--device", "tpu"]),
+        ("data/generation_script.py", ["--rollouts", "1", "--seed", "-1"]),
+    ],
+)
 def test_as_a_user_would(script, args, tmp_path):
     """The whole script, in a subprocess: one line, exit 2, nothing written."""
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
     assert not any(tmp_path.iterdir())

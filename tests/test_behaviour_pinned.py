@@ -8,6 +8,7 @@ A change that is *meant* to change behaviour re-records them and says so in its 
 - a two-generation CMA-ES run of `traincontroller.py` on a fixed random-init V and M: each
   generation's best/mean/worst fitness and the CMA-ES mean after generation 2.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,22 +37,61 @@ def _run(*args: str) -> None:
 
 def measure(tmp: Path) -> dict:
     rootdir = tmp / "rollouts"
-    _run("data/generation_script.py", "--rollouts", "2", "--rootdir", str(rootdir), "--threads", "1",
-         "--max-steps", "40", "--seed", "5")
-    hashes = {p.relative_to(rootdir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-              for p in sorted(rootdir.rglob("*.npz"))}
+    _run(
+        "data/generation_script.py",
+        "--rollouts",
+        "2",
+        "--rootdir",
+        str(rootdir),
+        "--threads",
+        "1",
+        "--max-steps",
+        "40",
+        "--seed",
+        "5",
+    )
+    hashes = {
+        p.relative_to(rootdir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(rootdir.rglob("*.npz"))
+    }
 
     logdir = tmp / "logdir"
     torch.manual_seed(0)
     vae, mdrnn = VAE(latent_size=8), MDRNNCell(8, 3, 16, 5)
-    for stage, model, extra in (("vae", vae, {}), ("mdrnn", mdrnn, {"action_repeat": 4})):  # M at k = 4, C acts at M's k
-        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config | extra,
-                                                     "epoch": 1, "best_loss": 1.0})
-    _run("traincontroller.py", "--logdir", str(logdir), "--pop-size", "4", "--n-samples", "1", "--max-steps", "80",
-         "--generations", "2", "--eval-every", "1", "--eval-episodes", "1", "--sigma0", "0.5", "--max-workers", "1")
+    for stage, model, extra in (
+        ("vae", vae, {}),
+        ("mdrnn", mdrnn, {"action_repeat": 4}),
+    ):  # M at k = 4, C acts at M's k
+        save_checkpoint(
+            logdir / stage / "best.pt",
+            {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0},
+        )
+    _run(
+        "traincontroller.py",
+        "--logdir",
+        str(logdir),
+        "--pop-size",
+        "4",
+        "--n-samples",
+        "1",
+        "--max-steps",
+        "80",
+        "--generations",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--sigma0",
+        "0.5",
+        "--max-workers",
+        "1",
+    )
     with open(logdir / "ctrl" / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    fitness = [[float(r[k]) for k in ("best_fitness", "mean_fitness", "worst_fitness", "eval_mean")] for r in rows]
+    fitness = [
+        [float(r[k]) for k in ("best_fitness", "mean_fitness", "worst_fitness", "eval_mean")] for r in rows
+    ]
     state = load_checkpoint(logdir / "ctrl" / "last.pt")["state_dict"]
     mean = torch.cat([v.flatten() for v in state.values()]).tolist()
     return {"rollout_sha256": hashes, "fitness": fitness, "cma_mean": mean}

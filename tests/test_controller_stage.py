@@ -6,6 +6,7 @@ actions stay in the box for any parameters; missing or mismatched checkpoints gi
 Ctrl-C leaves a valid last.pt and no workers; an end-to-end run trains, resumes, is evaluated
 by test_controller.py and recorded as a GIF. Pool failures are in test_pool.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,24 +22,36 @@ import numpy as np
 import pytest
 import torch
 
+from agent.policy import BLOCK, Agent, run_episode, run_episodes
+from agent.population import evaluate_candidates, init_worker
+from agent.search import Search
+from agent.seeds import train_seeds
+from agent.world import load_world
 from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
-from agent.policy import BLOCK, Agent, run_episode, run_episodes
-from agent.population import evaluate_candidates, init_worker
-from agent.seeds import train_seeds
-from agent.search import Search
-from agent.world import load_world
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.params import count_params, get_flat_params, set_flat_params
 from pool.local import WorkerPool
 from reporting.export import export
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.params import count_params, get_flat_params, set_flat_params
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT, HIDDEN, STEPS = 8, 16, 32  # STEPS: env frames, a multiple of the default action repeat 4
-SMALL = ["--pop-size", "4", "--n-samples", "2", "--max-steps", str(STEPS), "--eval-episodes", "2", "--sigma0", "0.5",
-         "--max-workers", "2"]
+SMALL = [
+    "--pop-size",
+    "4",
+    "--n-samples",
+    "2",
+    "--max-steps",
+    str(STEPS),
+    "--eval-episodes",
+    "2",
+    "--sigma0",
+    "0.5",
+    "--max-workers",
+    "2",
+]
 
 
 def make_world(logdir: Path, latent: int = LATENT, hidden: int = HIDDEN, action_repeat: int = 4) -> Path:
@@ -46,7 +59,10 @@ def make_world(logdir: Path, latent: int = LATENT, hidden: int = HIDDEN, action_
     torch.manual_seed(0)
     vae, mdrnn = VAE(latent_size=latent), MDRNNCell(latent, 3, hidden, 5)
     for stage, model, extra in (("vae", vae, {}), ("mdrnn", mdrnn, {"action_repeat": action_repeat})):
-        save_checkpoint(logdir / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0})
+        save_checkpoint(
+            logdir / stage / "best.pt",
+            {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0},
+        )
     return logdir
 
 
@@ -55,8 +71,14 @@ def run_script(script: str, *args: str, display: str | None = None, wait: bool =
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")}
     if display:
         env["SDL_VIDEODRIVER"] = display
-    process = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     if not wait:
         return process
     out, err = process.communicate(timeout=300)
@@ -86,7 +108,9 @@ def world(tmp_path_factory) -> Path:
 def trained(tmp_path_factory) -> dict:
     """A user's session: 1 generation with --display on a machine without one, then a resume to 2."""
     logdir = make_world(tmp_path_factory.mktemp("trained"))
-    first = run_script("traincontroller.py", "--logdir", str(logdir), *SMALL, "--generations", "1", "--display")
+    first = run_script(
+        "traincontroller.py", "--logdir", str(logdir), *SMALL, "--generations", "1", "--display"
+    )
     assert first.returncode == 0, first.stderr
     shutil.copy(logdir / "ctrl" / "last.pt", logdir / "last_after_1.pt")
     second = run_script("traincontroller.py", "--logdir", str(logdir), *SMALL, "--generations", "2")
@@ -95,6 +119,7 @@ def trained(tmp_path_factory) -> dict:
 
 
 # ----------------------------------------------------------------------------- building blocks
+
 
 def test_flat_params_roundtrip():
     controller = Controller(LATENT, HIDDEN, 3)
@@ -112,7 +137,10 @@ def test_actions_stay_in_action_space(world, scale):
     vae, mdrnn, config = load_world(world)
     controller = Controller(**config)
     rng = np.random.default_rng(int(abs(scale)))
-    set_flat_params(controller, scale * (rng.random(count_params(controller)) if scale > 0 else np.ones(count_params(controller))))
+    set_flat_params(
+        controller,
+        scale * (rng.random(count_params(controller)) if scale > 0 else np.ones(count_params(controller))),
+    )
     agent, env = Agent(vae, mdrnn, controller), make_env()
     obs, _ = env.reset(seed=1)
     for _ in range(10):
@@ -146,12 +174,15 @@ def test_display_process_drives_best_controller(trained):
     """watch_best (the --display process) opens a window (SDL's virtual one here) and drives best.pt."""
     code = f"from agent.display import watch_best; watch_best({str(trained['logdir'])!r}, 20, 0, episodes=2)"
     env = dict(os.environ, SDL_VIDEODRIVER="dummy")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "display:" not in result.stderr  # no "cannot open" / "closed" message
 
 
 # ----------------------------------------------------------------------------- resume
+
 
 def test_resume_restores_saved_search(trained):
     """last.pt after generation 1 rebuilds the search: same sigma, mean = the saved C, generation 1."""
@@ -184,11 +215,15 @@ def test_two_generations_equal_one_plus_resume(trained, tmp_path):
     assert es_straight.sigma == es_resumed.sigma
     assert np.array_equal(es_straight.sm.C, es_resumed.sm.C)
     fitness = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma"]
-    rows = [[{k: r[k] for k in fitness} for r in read_csv(d / "ctrl" / "log.csv")] for d in (logdir, trained["logdir"])]
+    rows = [
+        [{k: r[k] for k in fitness} for r in read_csv(d / "ctrl" / "log.csv")]
+        for d in (logdir, trained["logdir"])
+    ]
     assert rows[0] == rows[1] and len(rows[0]) == 2
 
 
 # ----------------------------------------------------------------------------- as a user
+
 
 def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
     logdir, first, second = trained["logdir"], trained["first"], trained["second"]
@@ -203,15 +238,29 @@ def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
     assert best["eval_return"] == pytest.approx(max(float(r["eval_mean"]) for r in log), rel=1e-5)
 
     gif = tmp_path / "episode.gif"
-    result = run_script("test_controller.py", "--logdir", str(logdir), "--episodes", "2", "--max-steps", str(STEPS),
-                        "--record", str(gif), "--display", "--workers", "1")
+    result = run_script(
+        "test_controller.py",
+        "--logdir",
+        str(logdir),
+        "--episodes",
+        "2",
+        "--max-steps",
+        str(STEPS),
+        "--record",
+        str(gif),
+        "--display",
+        "--workers",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "display: no display" in result.stdout and "Traceback" not in result.stderr
     assert "return over 2 episodes" in result.stdout
     rows = read_csv(logdir / "ctrl" / "eval" / "returns.csv")
     assert len(rows) == 2 and all(int(r["frames"]) == STEPS for r in rows)
     assert (logdir / "ctrl" / "eval" / "returns.png").stat().st_size > 0
-    assert f"recorded episode 0 (return {float(rows[0]['return']):.1f}" in result.stdout  # deterministic replay
+    assert (
+        f"recorded episode 0 (return {float(rows[0]['return']):.1f}" in result.stdout
+    )  # deterministic replay
     from PIL import Image
 
     with Image.open(gif) as image:
@@ -221,10 +270,22 @@ def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
 def test_interrupt_leaves_valid_last_pt(tmp_path):
     """Ctrl-C mid-generation: exit 130, one message, a loadable last.pt, and no worker left running."""
     logdir = make_world(tmp_path)
-    process = run_script("traincontroller.py", "--logdir", str(logdir), "--pop-size", "4", "--max-steps", "1000",
-                         "--max-workers", "2", wait=False)
+    process = run_script(
+        "traincontroller.py",
+        "--logdir",
+        str(logdir),
+        "--pop-size",
+        "4",
+        "--max-steps",
+        "1000",
+        "--max-workers",
+        "2",
+        wait=False,
+    )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(_children(process.pid)) < 3:  # 2 workers + multiprocessing's tracker
+    while (
+        time.monotonic() < deadline and len(_children(process.pid)) < 3
+    ):  # 2 workers + multiprocessing's tracker
         time.sleep(0.2)
     workers = _children(process.pid)
     time.sleep(3.0)  # let the workers load V, M and the env and start their episodes
@@ -252,6 +313,7 @@ def _running(pid: int) -> bool:
 
 # ----------------------------------------------------------------------------- one-line errors
 
+
 def run_main(capsys, module: str, *args: str) -> str:
     """A script's main() in this process (no interpreter start-up): its one-line error on stderr."""
     import importlib
@@ -270,7 +332,11 @@ def run_main(capsys, module: str, *args: str) -> str:
 
 def test_missing_checkpoints_name_the_command(tmp_path, capsys):
     # as a user runs it: exit status, stderr, no traceback
-    assert_one_line_error(run_script("traincontroller.py", "--logdir", str(tmp_path / "empty")), "vae", "python trainvae.py --logdir")
+    assert_one_line_error(
+        run_script("traincontroller.py", "--logdir", str(tmp_path / "empty")),
+        "vae",
+        "python trainvae.py --logdir",
+    )
     only_v = make_world(tmp_path / "only_v")
     (only_v / "mdrnn" / "best.pt").unlink()
     assert "python trainmdrnn.py --logdir" in run_main(capsys, "traincontroller", "--logdir", str(only_v))
@@ -284,8 +350,16 @@ def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
     logdir = make_world(tmp_path)
     other = dict(latent_size=LATENT, hidden_size=32, action_size=3)
     save_checkpoint(logdir / "ctrl" / "last.pt", Search(other, 4, 0.1, 0).state())
-    save_checkpoint(logdir / "ctrl" / "best.pt", {"state_dict": Controller(**other).state_dict(), "config": other,
-                                                   "generation": 1, "eval_return": 1.0, "eval_std": 0.0})
+    save_checkpoint(
+        logdir / "ctrl" / "best.pt",
+        {
+            "state_dict": Controller(**other).state_dict(),
+            "config": other,
+            "generation": 1,
+            "eval_return": 1.0,
+            "eval_std": 0.0,
+        },
+    )
     line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
     assert "hidden_size=32" in line and "--noreload" in line
     line = run_main(capsys, "test_controller", "--logdir", str(logdir), "--episodes", "1")
@@ -294,7 +368,9 @@ def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
     same = dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3)
     state = Search(same, 4, 0.1, 0).state()
     save_checkpoint(logdir / "ctrl" / "last.pt", state)
-    line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "8")  # the saved es samples 4
+    line = run_main(
+        capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "8"
+    )  # the saved es samples 4
     assert "pop_size=4" in line and "--noreload" in line
 
 
@@ -327,6 +403,7 @@ def test_resume_never_runs_code_from_last_pt(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- acting every k frames
 
+
 def _drive(env, agent: Agent, seed: int, k: int, frames: int) -> tuple[float, int]:
     """By hand: the agent acts on every k-th frame of a plain env, each action held for k frames."""
     obs, _ = env.reset(seed=seed)
@@ -346,7 +423,9 @@ def _drive(env, agent: Agent, seed: int, k: int, frames: int) -> tuple[float, in
 def test_agent_at_k_equals_stepping_by_hand(world, k):
     """run_episode on make_env(action_repeat=k) == holding each action for k frames of the plain env."""
     vae, mdrnn, config = load_world(world)
-    controller = set_flat_params(Controller(**config), np.random.default_rng(k).normal(0, 0.3, count_params(Controller(**config))))
+    controller = set_flat_params(
+        Controller(**config), np.random.default_rng(k).normal(0, 0.3, count_params(Controller(**config)))
+    )
     agent = Agent(vae, mdrnn, controller)
     repeated, plain = make_env(action_repeat=k), make_env()
     for seed in (3, 4):
@@ -373,7 +452,9 @@ def test_batched_episodes_return_the_same_as_single_ones(world):
         single.reset(1)
     for _ in range(3):  # M's state carried along, row by row
         together = agent.act(frames)  # (6, 3)
-        assert np.array_equal(together, np.concatenate([single.act(frames[i:i + 1]) for i, single in enumerate(alone)]))
+        assert np.array_equal(
+            together, np.concatenate([single.act(frames[i : i + 1]) for i, single in enumerate(alone)])
+        )
     stall_frames = 20  # training's cut: episodes of different lengths
     batched = run_episodes(envs, agent, seeds, 160, stall_frames)
     single = [run_episode(envs[0], agent, seed, 160, stall_frames=stall_frames) for seed in seeds]
@@ -383,8 +464,12 @@ def test_batched_episodes_return_the_same_as_single_ones(world):
         env.close()
     by_workers = []
     for envs_per_worker in (1, 4):
-        with WorkerPool(2, init_worker, (str(world), True, config, 4, envs_per_worker), task_timeout=120) as pool:
-            by_workers.append(evaluate_candidates(pool, [params], seeds, 160, None, stall_frames, envs_per_worker)[1])
+        with WorkerPool(
+            2, init_worker, (str(world), True, config, 4, envs_per_worker), task_timeout=120
+        ) as pool:
+            by_workers.append(
+                evaluate_candidates(pool, [params], seeds, 160, None, stall_frames, envs_per_worker)[1]
+            )
     np.testing.assert_array_equal(by_workers[0], by_workers[1])
     assert by_workers[0][0].tolist() == [r for r, _ in single]
 
@@ -402,7 +487,9 @@ def test_stalled_training_episodes_stop_early_but_evaluations_play_in_full(world
     assert full_frames == 400 and 40 <= cut_frames < 100
     assert cut_return == pytest.approx(full_return, abs=1e-6)  # no tile either way: -0.1 for every frame
     with WorkerPool(1, init_worker, (str(world), True, config, 4)) as pool:
-        _, _, frames = evaluate_candidates(pool, [params], [5], 400)  # no stall_frames: the evaluation default
+        _, _, frames = evaluate_candidates(
+            pool, [params], [5], 400
+        )  # no stall_frames: the evaluation default
     assert frames.tolist() == [[400]]
     env.close()
 
@@ -411,14 +498,35 @@ def test_exported_logdir_plays_the_same_returns(tmp_path):
     """reporting.export keeps only what evaluation needs, and test_controller.py scores it the same."""
     logdir = make_world(tmp_path / "run")
     _, _, config = load_world(logdir)
-    controller = set_flat_params(Controller(**config), np.random.default_rng(3).normal(0, 0.3, count_params(Controller(**config))))
-    save_checkpoint(logdir / "ctrl" / "best.pt", {"state_dict": controller.state_dict(), "config": config, "generation": 2,
-                                                  "eval_return": 1.0, "action_repeat": 4, "es_junk": torch.zeros(1000)})
+    controller = set_flat_params(
+        Controller(**config), np.random.default_rng(3).normal(0, 0.3, count_params(Controller(**config)))
+    )
+    save_checkpoint(
+        logdir / "ctrl" / "best.pt",
+        {
+            "state_dict": controller.state_dict(),
+            "config": config,
+            "generation": 2,
+            "eval_return": 1.0,
+            "action_repeat": 4,
+            "es_junk": torch.zeros(1000),
+        },
+    )
     export(logdir, tmp_path / "pretrained")
     assert "es_junk" not in load_checkpoint(tmp_path / "pretrained" / "ctrl" / "best.pt")
     returns = {}
     for name in ("run", "pretrained"):
-        result = run_script("test_controller.py", "--logdir", str(tmp_path / name), "--episodes", "2", "--max-steps", str(STEPS), "--workers", "1")
+        result = run_script(
+            "test_controller.py",
+            "--logdir",
+            str(tmp_path / name),
+            "--episodes",
+            "2",
+            "--max-steps",
+            str(STEPS),
+            "--workers",
+            "1",
+        )
         assert result.returncode == 0, result.stderr
         returns[name] = read_csv(tmp_path / name / "ctrl" / "eval" / "returns.csv")
     assert returns["run"] == returns["pretrained"] and len(returns["run"]) == 2

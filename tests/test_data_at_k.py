@@ -4,6 +4,7 @@ A rollout at k = 4 must be what an agent holding each action 4 frames sees: its 
 stepping the plain env by hand, a dataset never mixes two k, and every stage downstream
 takes k from the files (DESIGN.md, Action repeat).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,13 +13,19 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from test_controller_stage import assert_one_line_error, make_world, run_script  # noqa: E402
 
 from data.carracing import generate_rollout, random_actions, rollout_seeds  # noqa: E402
 from data.generation_script import main as generate  # noqa: E402
 from data.latents import build_latent_cache, read_meta  # noqa: E402
-from data.rollouts import dataset_action_repeat, find_rollouts, load_rollout, rollout_action_repeat, save_rollout  # noqa: E402
+from data.rollouts import (
+    dataset_action_repeat,
+    find_rollouts,
+    load_rollout,
+    rollout_action_repeat,
+    save_rollout,
+)  # noqa: E402
 from envs.carracing import make_env, to_model_frame  # noqa: E402
-from test_controller_stage import assert_one_line_error, make_world, run_script  # noqa: E402
 
 
 def test_rollout_at_k_is_the_plain_env_stepped_by_hand():
@@ -44,10 +51,15 @@ def test_brownian_walk_moves_per_frame_alike_at_any_k():
     low, high = np.full(3, -1e3), np.full(3, 1e3)  # far enough apart: no clipping
 
     def spread(k: int) -> float:  # std of the steer's displacement over 400 frames
-        walks = [random_actions("brown", 400 // k + 1, low, high, np.random.default_rng(s), k / 50) for s in range(300)]
+        walks = [
+            random_actions("brown", 400 // k + 1, low, high, np.random.default_rng(s), k / 50)
+            for s in range(300)
+        ]
         return float(np.std([w[-1, 0] - w[0, 0] for w in walks]))
 
-    assert spread(4) == pytest.approx(spread(1), rel=0.2) and spread(1) == pytest.approx(np.sqrt(400 / 50), rel=0.2)
+    assert spread(4) == pytest.approx(spread(1), rel=0.2) and spread(1) == pytest.approx(
+        np.sqrt(400 / 50), rel=0.2
+    )
 
 
 def test_k_is_read_from_each_file_and_a_mix_is_refused(tmp_path):
@@ -65,7 +77,23 @@ def test_k_is_read_from_each_file_and_a_mix_is_refused(tmp_path):
 
 
 def test_generation_refuses_another_k_in_the_same_folder(tmp_path, capsys):
-    assert generate(["--rollouts", "1", "--rootdir", str(tmp_path), "--threads", "1", "--max-steps", "8", "--action-repeat", "4"]) == 0
+    assert (
+        generate(
+            [
+                "--rollouts",
+                "1",
+                "--rootdir",
+                str(tmp_path),
+                "--threads",
+                "1",
+                "--max-steps",
+                "8",
+                "--action-repeat",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert rollout_action_repeat(find_rollouts(tmp_path)[0][1]) == 4
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
@@ -77,7 +105,23 @@ def test_generation_refuses_another_k_in_the_same_folder(tmp_path, capsys):
 
 def test_latent_cache_carries_k(tmp_path):
     dataset = tmp_path / "data"
-    assert generate(["--rollouts", "2", "--rootdir", str(dataset), "--threads", "1", "--max-steps", "12", "--action-repeat", "3"]) == 0
+    assert (
+        generate(
+            [
+                "--rollouts",
+                "2",
+                "--rootdir",
+                str(dataset),
+                "--threads",
+                "1",
+                "--max-steps",
+                "12",
+                "--action-repeat",
+                "3",
+            ]
+        )
+        == 0
+    )
     make_world(tmp_path / "logdir")
     meta = read_meta(build_latent_cache(tmp_path / "logdir", dataset, verbose=False))
     assert meta["action_repeat"] == 3 and meta["frames"] == 2 * 4
@@ -85,6 +129,8 @@ def test_latent_cache_carries_k(tmp_path):
 
 def test_controller_refuses_a_k_other_than_ms(tmp_path):
     logdir = make_world(tmp_path, action_repeat=4)
-    result = run_script("traincontroller.py", "--logdir", str(logdir), "--action-repeat", "2", "--generations", "1")
+    result = run_script(
+        "traincontroller.py", "--logdir", str(logdir), "--action-repeat", "2", "--generations", "1"
+    )
     assert_one_line_error(result, "--action-repeat 2", "k=4")
     assert not (logdir / "ctrl" / "last.pt").exists()

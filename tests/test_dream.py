@@ -1,4 +1,5 @@
 """The dream: SimulatedCarRacing (gymnasium API) and the batched evaluator agree."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,7 +42,9 @@ def play(env: SimulatedCarRacing, controller: Controller, seed: int) -> tuple[fl
 
 def test_env_passes_gymnasium_checker(world):
     cell, starts = world
-    env = SimulatedCarRacing(mdrnn=cell, starts=starts, max_steps=30, vae=VAE(LATENT), render_mode="rgb_array")
+    env = SimulatedCarRacing(
+        mdrnn=cell, starts=starts, max_steps=30, vae=VAE(LATENT), render_mode="rgb_array"
+    )
     check_env(env, skip_render_check=True)
     env.reset(seed=0)
     frame = env.render()
@@ -102,7 +105,10 @@ def test_temperature_widens_the_sampled_latents(world):
     assert spreads[0] < spreads[1] < spreads[2]
     # noise-driven draws follow the same law: same spread order with explicit noise
     u, n = torch.rand(4000, LATENT), torch.randn(4000, LATENT)
-    noisy = [sample_gmm(out.mu, out.logsigma, out.logpi, tau, noise=(u, n)).std(0).mean().item() for tau in (0.5, 1.5)]
+    noisy = [
+        sample_gmm(out.mu, out.logsigma, out.logpi, tau, noise=(u, n)).std(0).mean().item()
+        for tau in (0.5, 1.5)
+    ]
     assert noisy[0] < noisy[1]
 
 
@@ -125,12 +131,36 @@ def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
 
     torch.manual_seed(0)
     for stage, model in (("vae", VAE(LATENT)), ("mdrnn", MDRNNCell(LATENT, 3, HIDDEN, 3))):
-        save_checkpoint(tmp_path / stage / "best.pt", {"state_dict": model.state_dict(), "config": model.config, "epoch": 1, "best_loss": 1.0})
+        save_checkpoint(
+            tmp_path / stage / "best.pt",
+            {"state_dict": model.state_dict(), "config": model.config, "epoch": 1, "best_loss": 1.0},
+        )
     build_latent_cache(tmp_path, tiny_dataset, verbose=False)
     root = Path(__file__).resolve().parents[1]
-    args = ["--logdir", str(tmp_path), "--dream", "--temperature", "1.15", "--pop-size", "4", "--n-samples", "2",
-            "--generations", "2", "--eval-every", "1", "--eval-episodes", "1", "--max-steps", "30", "--max-workers", "1"]
-    result = subprocess.run([sys.executable, str(root / "traincontroller.py"), *args], capture_output=True, text=True, timeout=240)
+    args = [
+        "--logdir",
+        str(tmp_path),
+        "--dream",
+        "--temperature",
+        "1.15",
+        "--pop-size",
+        "4",
+        "--n-samples",
+        "2",
+        "--generations",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--max-steps",
+        "30",
+        "--max-workers",
+        "1",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(root / "traincontroller.py"), *args], capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr
     assert "in the dream (tau 1.15)" in result.stdout and "dream steps" in result.stdout
     with open(tmp_path / "ctrl" / "log.csv") as handle:

@@ -6,6 +6,7 @@ truncated and info is compared with `np.array_equal` / `==` against upstream, ru
 varied driving, plus domain randomisation, discrete actions, other render modes, the status
 bar overflow path, and the version gate.
 """
+
 from __future__ import annotations
 
 import math
@@ -199,7 +200,9 @@ def test_truncation_matches():
     up = gym.make("CarRacing-v3", max_episode_steps=30)
     fast = gym.make(FAST_ID, max_episode_steps=30)
     _assert_same_reset(up, fast, seed=8)
-    flags = [_assert_same_step(up, fast, np.array([0.0, 0.4, 0.0], np.float32), f"step {t}") for t in range(30)]
+    flags = [
+        _assert_same_step(up, fast, np.array([0.0, 0.4, 0.0], np.float32), f"step {t}") for t in range(30)
+    ]
     assert flags == [False] * 29 + [True]
     up.close()
     fast.close()

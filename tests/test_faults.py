@@ -18,6 +18,7 @@ CMA-ES generations, 2 test episodes) runs once uninterrupted: the reference. The
 The full suite is `make faults` (`pytest -m faults`, a few minutes on 2 cores); `make test`
 runs one kill point per stage and every damaged-input case.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,25 +42,98 @@ from utils.files import is_temp_file
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("data", "vae", "mdrnn", "ctrl", "test")
 COMMANDS = {  # the tiny profile, as `make pipeline` would run it ({D}: dataset, {L}: logdir)
-    "data": ["data/generation_script.py", "--rollouts", "4", "--rootdir", "{D}", "--threads", "2", "--max-steps", "48", "--action-repeat", "4"],
+    "data": [
+        "data/generation_script.py",
+        "--rollouts",
+        "4",
+        "--rootdir",
+        "{D}",
+        "--threads",
+        "2",
+        "--max-steps",
+        "48",
+        "--action-repeat",
+        "4",
+    ],
     "vae": ["trainvae.py", "--logdir", "{L}", "--dataset", "{D}", "--epochs", "2", "--batch-size", "16"],
-    "mdrnn": ["trainmdrnn.py", "--logdir", "{L}", "--dataset", "{D}", "--epochs", "2", "--seq-len", "4", "--batch-size", "2", "--hidden-size", "16"],
-    "ctrl": ["traincontroller.py", "--logdir", "{L}", "--pop-size", "4", "--n-samples", "1", "--generations", "2", "--eval-every", "1",
-             "--eval-episodes", "1", "--max-steps", "24", "--max-workers", "2", "--stall-frames", "0"],
-    "test": ["test_controller.py", "--logdir", "{L}", "--episodes", "2", "--max-steps", "24", "--workers", "2"],
+    "mdrnn": [
+        "trainmdrnn.py",
+        "--logdir",
+        "{L}",
+        "--dataset",
+        "{D}",
+        "--epochs",
+        "2",
+        "--seq-len",
+        "4",
+        "--batch-size",
+        "2",
+        "--hidden-size",
+        "16",
+    ],
+    "ctrl": [
+        "traincontroller.py",
+        "--logdir",
+        "{L}",
+        "--pop-size",
+        "4",
+        "--n-samples",
+        "1",
+        "--generations",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--max-steps",
+        "24",
+        "--max-workers",
+        "2",
+        "--stall-frames",
+        "0",
+    ],
+    "test": [
+        "test_controller.py",
+        "--logdir",
+        "{L}",
+        "--episodes",
+        "2",
+        "--max-steps",
+        "24",
+        "--workers",
+        "2",
+    ],
 }
-OUTPUTS = {"data": "dataset", "vae": "logdir/vae", "mdrnn": "logdir/mdrnn", "ctrl": "logdir/ctrl", "test": "logdir/ctrl/eval"}
+OUTPUTS = {
+    "data": "dataset",
+    "vae": "logdir/vae",
+    "mdrnn": "logdir/mdrnn",
+    "ctrl": "logdir/ctrl",
+    "test": "logdir/ctrl/eval",
+}
 CLOCK_COLUMNS = {"time_s", "wall_min", "frames_per_s", "dream_steps_per_s", "epoch_time_s", "sequences_per_s"}
-CLOCK_KEYS = {"seconds", "log_rows"}  # checkpoint entries that hold wall time (log_rows: compared via log.csv)
+CLOCK_KEYS = {
+    "seconds",
+    "log_rows",
+}  # checkpoint entries that hold wall time (log_rows: compared via log.csv)
 FIRST_KILL = {"data": 1, "vae": 3, "mdrnn": 4, "ctrl": 3, "test": 1}  # the kill point `make test` runs
 
 
 def run(stage: str, root: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
     """Run `stage` as a user would, in `root` (dataset/ and logdir/ under it)."""
     args = [a.format(D=root / "dataset", L=root / "logdir") for a in COMMANDS[stage]]
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")} | {"SDL_VIDEODRIVER": "dummy"}
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")} | {
+        "SDL_VIDEODRIVER": "dummy"
+    }
     env["WORLD_MODELS_KILL_AT_WRITE"] = str(kill_at)
-    return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / args[0]), *args[1:]],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> None:
@@ -77,7 +151,7 @@ def reference(tmp_path_factory) -> Path:
 
 def inputs_of(stage: str, reference: Path, root: Path) -> None:
     """Copy the reference's outputs of the stages before `stage` into `root`."""
-    for before in STAGES[:STAGES.index(stage)]:
+    for before in STAGES[: STAGES.index(stage)]:
         source = reference / OUTPUTS[before]
         for path in source.rglob("*"):
             if path.is_file() and not (before == "ctrl" and "eval" in path.relative_to(source).parts):
@@ -87,6 +161,7 @@ def inputs_of(stage: str, reference: Path, root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- comparing runs
+
 
 def _same(a, b, where: str, roots: tuple[str, str]) -> None:
     """a (the reference's) equals b (ours), up to the run folders' paths and the clock entries."""
@@ -137,8 +212,12 @@ def assert_same_outputs(stage: str, reference: Path, root: Path) -> None:
     for path in ours.rglob("*"):
         if path.is_file():
             assert_loads(path)
-    names = lambda folder: sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()  # noqa: E731
-                                  and not (stage == "ctrl" and p.relative_to(folder).parts[0] == "eval"))
+    names = lambda folder: sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file()  # noqa: E731
+        and not (stage == "ctrl" and p.relative_to(folder).parts[0] == "eval")
+    )
     assert names(ours) == names(theirs)
     for name in names(theirs):
         a, b = theirs / name, ours / name
@@ -154,6 +233,7 @@ def assert_same_outputs(stage: str, reference: Path, root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- kill -9 at every write
+
 
 def _kill_points():
     for stage in STAGES:
@@ -174,6 +254,7 @@ def test_kill_inside_a_write_then_rerun_equals_uninterrupted(reference, tmp_path
 
 
 # ----------------------------------------------------------------------------- damaged inputs
+
 
 class RunsCode:
     """Unpickling this creates the marker file: proof that code ran."""
@@ -229,13 +310,17 @@ def _damage_cases():
     for stage, name, expect in READS:
         for kind in DAMAGE:
             marks = () if kind == "pickle" else (pytest.mark.faults,)  # `make test`: the code-running pickles
-            yield pytest.param(stage, name, expect, kind, marks=marks, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}")
+            yield pytest.param(
+                stage, name, expect, kind, marks=marks, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}"
+            )
 
 
 @pytest.mark.parametrize("stage,name,expect,kind", list(_damage_cases()))
 def test_damaged_input_gives_one_line_and_runs_no_code(reference, tmp_path, stage, name, expect, kind):
     inputs_of(stage, reference, tmp_path)
-    resumed = [name, "logdir/ctrl/last.pt"] if name == "logdir/ctrl/best.pt" else [name]  # a bad best.pt beside a good last.pt
+    resumed = (
+        [name, "logdir/ctrl/last.pt"] if name == "logdir/ctrl/best.pt" else [name]
+    )  # a bad best.pt beside a good last.pt
     for needed in resumed:  # the stage's own files (a resume, the latent cache): from the reference
         if not (tmp_path / needed).exists():
             (tmp_path / needed).parent.mkdir(parents=True, exist_ok=True)
@@ -245,15 +330,20 @@ def test_damaged_input_gives_one_line_and_runs_no_code(reference, tmp_path, stag
     result = run(stage, tmp_path)
     assert not marker.exists(), "a damaged file ran code"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("\r", " "))
-             and "%|" not in line]
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and not line.startswith(("\r", " ")) and "%|" not in line
+    ]
     if expect == "fail":
         assert result.returncode != 0
         assert len(lines) == 1 and Path(name).name in lines[0], result.stderr[-2000:]
     elif expect == "warn":
         assert result.returncode == 0, result.stderr[-2000:]
         assert any(Path(name).name in line for line in lines), result.stderr[-2000:]
-        if name.endswith("best.pt"):  # the finished search re-evaluated its mean: best.pt holds a controller again
+        if name.endswith(
+            "best.pt"
+        ):  # the finished search re-evaluated its mean: best.pt holds a controller again
             assert set(load_checkpoint(tmp_path / name)["state_dict"]) == {"fc.weight", "fc.bias"}
     else:  # rebuild
         assert result.returncode == 0, result.stderr[-2000:]

@@ -5,6 +5,7 @@ go to the importer's own layer or a lower one; the file-level import graph must 
 and no project module is imported inside a function (tests and benchmarks aside, which may
 load what one test needs), except the optional Ray backend.
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,7 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"utils": 0, "models": 1, "envs": 2, "data": 3, "agent": 4, "pool": 4}
 SCRIPT_LAYER = 5  # scripts, bench/, reporting/, tests/: wiring only
-SCRIPTS_IN_PACKAGES = {"data.generation_script"}  # a stage command that lives in data/ (the users' design card)
+SCRIPTS_IN_PACKAGES = {
+    "data.generation_script"
+}  # a stage command that lives in data/ (the users' design card)
 LAZY_ALLOWED = {"pool.ray_backend"}  # imports Ray, an optional dependency
 PACKAGES = set(LAYERS) | {"reporting"}
 
@@ -68,26 +71,43 @@ def graph() -> dict[str, set[tuple[str, bool]]]:
     for module, path in files.items():
         for name, lazy in imports(path):
             target = resolve(name, set(files))
-            if target and target != module and not (module.startswith(target + ".") or target == module.split(".")[0]):
+            if (
+                target
+                and target != module
+                and not (module.startswith(target + ".") or target == module.split(".")[0])
+            ):
                 edges[module].add((target, lazy))
     return edges
 
 
 def test_imports_only_point_down():
-    upward = [f"{m} (layer {layer(m)}) imports {t} (layer {layer(t)})"
-              for m, targets in graph().items() for t, _ in targets if layer(t) > layer(m)]
+    upward = [
+        f"{m} (layer {layer(m)}) imports {t} (layer {layer(t)})"
+        for m, targets in graph().items()
+        for t, _ in targets
+        if layer(t) > layer(m)
+    ]
     assert not upward, "\n".join(upward)
 
 
 def test_utils_imports_no_other_package():
-    found = [f"{m} imports {t}" for m, targets in graph().items() if m.startswith("utils")
-             for t, _ in targets if not t.startswith("utils")]
+    found = [
+        f"{m} imports {t}"
+        for m, targets in graph().items()
+        if m.startswith("utils")
+        for t, _ in targets
+        if not t.startswith("utils")
+    ]
     assert not found, "\n".join(found)
 
 
 def test_no_project_import_inside_functions():
-    lazy = [f"{m} imports {t} inside a function" for m, targets in graph().items()
-            for t, inside in targets if inside and t not in LAZY_ALLOWED and not m.startswith(("tests.", "bench."))]
+    lazy = [
+        f"{m} imports {t} inside a function"
+        for m, targets in graph().items()
+        for t, inside in targets
+        if inside and t not in LAZY_ALLOWED and not m.startswith(("tests.", "bench."))
+    ]
     assert not lazy, "\n".join(lazy)
 
 
@@ -99,7 +119,7 @@ def test_no_import_cycles():
         state[module] = 1
         for target in sorted(edges.get(module, ())):
             if state.get(target) == 1:
-                return stack[stack.index(target):] + [target] if target in stack else [module, target]
+                return stack[stack.index(target) :] + [target] if target in stack else [module, target]
             if state.get(target) is None and (cycle := visit(target, stack + [target])):
                 return cycle
         state[module] = 2

@@ -2,6 +2,7 @@
 
 V is a random-init VAE written as L/vae/best.pt: M's stage only needs V's encoder and sizes.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,28 +15,52 @@ import numpy as np
 import pytest
 import torch
 
+from agent.world import load_mdrnn
 from data.latents import build_latent_cache, cache_path, load_latent_cache, read_meta, split_latents
 from data.rollouts import dataset_paths, load_rollout, split_rollouts
 from models.vae import VAE
-from agent.world import load_mdrnn
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = 8
-SMALL = ["--epochs", "1", "--seq-len", "8", "--batch-size", "4", "--hidden-size", "16", "--gaussians", "2", "--device", "cpu"]
+SMALL = [
+    "--epochs",
+    "1",
+    "--seq-len",
+    "8",
+    "--batch-size",
+    "4",
+    "--hidden-size",
+    "16",
+    "--gaussians",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def write_vae(logdir: Path, weights_seed: int = 0, latent_size: int = LATENT, **config) -> None:
     """A random-init V as trainvae.py would save it (config: sizes, + its split's test_fraction/seed)."""
     torch.manual_seed(weights_seed)
-    save_checkpoint(logdir / "vae" / "best.pt", {"state_dict": VAE(latent_size=latent_size).state_dict(),
-                                                 "config": {"latent_size": latent_size, "img_channels": 3} | config,
-                                                 "epoch": 1, "best_loss": 1.0})
+    save_checkpoint(
+        logdir / "vae" / "best.pt",
+        {
+            "state_dict": VAE(latent_size=latent_size).state_dict(),
+            "config": {"latent_size": latent_size, "img_channels": 3} | config,
+            "epoch": 1,
+            "best_loss": 1.0,
+        },
+    )
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "trainmdrnn.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "trainmdrnn.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -73,9 +98,13 @@ def test_small_run_writes_checkpoints_cache_log_and_plots(trained, tiny_dataset)
     # the cache: every rollout, V's exact posterior, V's split
     rollouts = load_latent_cache(logdir)
     paths, _ = dataset_paths(tiny_dataset)
-    assert sorted(r["file"] for r in rollouts) == sorted(p.relative_to(tiny_dataset).as_posix() for p in paths)
+    assert sorted(r["file"] for r in rollouts) == sorted(
+        p.relative_to(tiny_dataset).as_posix() for p in paths
+    )
     _, test_paths = split_rollouts(paths)
-    assert {r["file"] for r in rollouts if r["test"]} == {p.relative_to(tiny_dataset).as_posix() for p in test_paths}
+    assert {r["file"] for r in rollouts if r["test"]} == {
+        p.relative_to(tiny_dataset).as_posix() for p in test_paths
+    }
     first = rollouts[0]
     arrays = load_rollout(tiny_dataset / first["file"])
     assert first["mu"].shape == first["logsigma"].shape == (len(arrays["actions"]), LATENT)
@@ -122,8 +151,22 @@ def test_long_sequences_partial_batches_and_exact_resume(tiny_dataset, tmp_path,
     2 epochs in one go == 1 epoch + a resumed 1, weight for weight."""
     import trainmdrnn
 
-    args = ["--dataset", str(tiny_dataset), "--seq-len", "30", "--batch-size", "3",
-            "--hidden-size", "16", "--gaussians", "2", "--device", "cpu", "--seed", "3"]
+    args = [
+        "--dataset",
+        str(tiny_dataset),
+        "--seq-len",
+        "30",
+        "--batch-size",
+        "3",
+        "--hidden-size",
+        "16",
+        "--gaussians",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+    ]
     one_go, resumed = tmp_path / "one_go", tmp_path / "resumed"
     for logdir in (one_go, resumed):
         write_vae(logdir, test_fraction=0.5, seed=1)  # V's split, which M must follow
@@ -155,7 +198,17 @@ def test_missing_v_names_trainvae(tiny_dataset, tmp_path):
 
 def test_size_mismatch_suggests_noreload(trained, tiny_dataset):
     logdir, _ = trained
-    result = run_script("--logdir", str(logdir), "--dataset", str(tiny_dataset), *SMALL, "--hidden-size", "32", "--epochs", "2")
+    result = run_script(
+        "--logdir",
+        str(logdir),
+        "--dataset",
+        str(tiny_dataset),
+        *SMALL,
+        "--hidden-size",
+        "32",
+        "--epochs",
+        "2",
+    )
     assert_one_line_error(result, "--noreload", "hidden_size")
 
 
@@ -164,7 +217,9 @@ def test_no_dataset_names_generation_and_help(tmp_path, capsys):
 
     write_vae(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        trainmdrnn.main(["--logdir", str(tmp_path), "--dataset", str(tmp_path / "nowhere"), "--device", "cpu"])
+        trainmdrnn.main(
+            ["--logdir", str(tmp_path), "--dataset", str(tmp_path / "nowhere"), "--device", "cpu"]
+        )
     assert stop.value.code != 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "generation_script.py" in err[0]
@@ -173,5 +228,13 @@ def test_no_dataset_names_generation_and_help(tmp_path, capsys):
         trainmdrnn.main(["--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--logdir", "--noreload", "--seq-len", "--hidden-size", "--gaussians", "--reward-weight", "--grad-clip"):
+    for flag in (
+        "--logdir",
+        "--noreload",
+        "--seq-len",
+        "--hidden-size",
+        "--gaussians",
+        "--reward-weight",
+        "--grad-clip",
+    ):
         assert flag in out

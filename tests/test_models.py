@@ -19,6 +19,7 @@ def _seed():
 
 # ----------------------------------------------------------------------------- VAE
 
+
 @pytest.mark.parametrize("latent", [32, 16])
 def test_vae_shapes(latent):
     vae = VAE(latent_size=latent)
@@ -146,8 +147,9 @@ def test_cell_matches_sequence():
             step = cell(latents[:, t], actions[:, t], hidden)
             hidden = step.hidden
             for name in ("mu", "logsigma", "logpi", "reward", "done_logit", "h"):
-                torch.testing.assert_close(getattr(step, name), getattr(seq, name)[:, t],
-                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    getattr(step, name), getattr(seq, name)[:, t], atol=1e-5, rtol=1e-5
+                )
         torch.testing.assert_close(hidden[0], seq.hidden[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(hidden[1], seq.hidden[1], atol=1e-5, rtol=1e-5)
     h, c = cell.initial_state(3)
@@ -231,8 +233,13 @@ def test_mask_ignores_padding():
     mask = torch.arange(T) < lengths[:, None]  # (B, T) bool
     base = mdrnn_loss(out, nxt, rew, done, mask)
     pad = ~mask
-    garbage = mdrnn_loss(out, torch.where(pad[..., None], 1e8, nxt), torch.where(pad, -1e8, rew),
-                         torch.where(pad, 1 - done, done), mask.float())
+    garbage = mdrnn_loss(
+        out,
+        torch.where(pad[..., None], 1e8, nxt),
+        torch.where(pad, -1e8, rew),
+        torch.where(pad, 1 - done, done),
+        mask.float(),
+    )
     for key in ("loss", "gmm", "reward", "done"):
         assert garbage[key].item() == pytest.approx(base[key].item(), rel=1e-6)
     # equals the plain mean over the valid elements only
@@ -245,7 +252,8 @@ def test_mask_ignores_padding():
     ones = mdrnn_loss(out, nxt, rew, done, torch.ones(B, T), reward_weight=2.0, done_weight=0.5)
     assert full["loss"].item() == pytest.approx(ones["loss"].item(), rel=1e-6)
     assert full["loss"].item() == pytest.approx(
-        (full["gmm"] + 2.0 * full["reward"] + 0.5 * full["done"]).item(), rel=1e-6)
+        (full["gmm"] + 2.0 * full["reward"] + 0.5 * full["done"]).item(), rel=1e-6
+    )
 
 
 def test_sample_gmm_temperature():
@@ -281,6 +289,7 @@ def test_sample_gmm_dominant_component():
 
 # ----------------------------------------------------------------------------- Controller
 
+
 def test_controller_params_and_box():
     c = Controller()
     assert sum(p.numel() for p in c.parameters()) == 867
@@ -291,7 +300,9 @@ def test_controller_params_and_box():
         assert (a[:, 0].abs() <= 1).all() and (a[:, 1:] >= 0).all() and (a[:, 1:] <= 1).all()
     # the paper's squash: C = 0 drives straight at half gas, no brake; a negative brake output is no brake
     raw = torch.tensor([[0.0, 0.0, 0.0], [100.0, -100.0, -3.0], [-100.0, 100.0, 100.0]])
-    torch.testing.assert_close(squash_action(raw), torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.0, 0.0], [-1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(
+        squash_action(raw), torch.tensor([[0.0, 0.5, 0.0], [1.0, 0.0, 0.0], [-1.0, 1.0, 1.0]])
+    )
 
 
 def test_batched_actions_matches_forward():

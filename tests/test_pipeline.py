@@ -4,6 +4,7 @@ and timing helpers on their own, including a run folder with pieces missing.
 `make smoke` gets PY=<this interpreter>, so it reuses the environment the tests run in and
 never creates or reinstalls .venv.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,21 +26,40 @@ STAGES = ["data", "vae", "mdrnn", "ctrl", "test"]
 
 def clean_env() -> dict[str, str]:
     """This environment minus an outer make's flags and variables (`make test LOGDIR=...`)."""
-    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    return {
+        k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    }
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_smoke_runs_every_stage_and_reports(tmp_path):
-    result = subprocess.run(["make", "smoke", f"PY={sys.executable}", f"SMOKE_DIR={tmp_path}", "CTRL_MODE=real"],
-                            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["make", "smoke", f"PY={sys.executable}", f"SMOKE_DIR={tmp_path}", "CTRL_MODE=real"],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     assert "pip install" not in result.stdout  # reused this interpreter, no .venv work
 
     logdir = tmp_path / "logdir"
     assert len(list((tmp_path / "dataset").rglob("rollout_*.npz"))) == 4
-    for name in ["vae/best.pt", "mdrnn/best.pt", "ctrl/best.pt", "ctrl/eval/returns.csv", "ctrl/eval/episode.gif",
-                 "report/report.md", "report/test_returns.png", "report/episode.gif", "report/vae_recon.png",
-                 "report/mdrnn_curves.png", "report/ctrl_curves.png", "report/learning_curve.png"]:
+    for name in [
+        "vae/best.pt",
+        "mdrnn/best.pt",
+        "ctrl/best.pt",
+        "ctrl/eval/returns.csv",
+        "ctrl/eval/episode.gif",
+        "report/report.md",
+        "report/test_returns.png",
+        "report/episode.gif",
+        "report/vae_recon.png",
+        "report/mdrnn_curves.png",
+        "report/ctrl_curves.png",
+        "report/learning_curve.png",
+    ]:
         assert (logdir / name).is_file(), f"{name} missing"
     assert (logdir / "report/episode.gif").read_bytes()[:4] == b"GIF8"
     assert (logdir / "report/test_returns.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -52,7 +72,9 @@ def test_make_smoke_runs_every_stage_and_reports(tmp_path):
     assert "Nothing: every stage's outputs are here." in report
     with open(logdir / "ctrl/log.csv", newline="") as handle:  # the learning curve: one row per evaluation
         evaluated = [row for row in csv.DictReader(handle) if row["eval_mean"]]
-    assert len(evaluated) == 2 and all(f"| {float(r['eval_mean']):.1f} ± {float(r['eval_std']):.1f} |" in report for r in evaluated)
+    assert len(evaluated) == 2 and all(
+        f"| {float(r['eval_mean']):.1f} ± {float(r['eval_std']):.1f} |" in report for r in evaluated
+    )
 
     timings = read_timings(logdir / "report/timings.csv")
     assert [row["stage"] for row in timings] == STAGES
@@ -70,14 +92,24 @@ def test_timing_records_every_run_even_failures(tmp_path):
 
 def test_report_lists_missing_pieces_instead_of_failing(tmp_path):
     empty = build_report(tmp_path / "empty", dataset=tmp_path / "no-dataset").read_text()
-    for piece in ["test returns", "vae/best.pt", "mdrnn/best.pt", "ctrl/last.pt", "V reconstructions",
-                  "GIF of a test episode", "stage timings", f"rollouts under {tmp_path / 'no-dataset'}"]:
+    for piece in [
+        "test returns",
+        "vae/best.pt",
+        "mdrnn/best.pt",
+        "ctrl/last.pt",
+        "V reconstructions",
+        "GIF of a test episode",
+        "stage timings",
+        f"rollouts under {tmp_path / 'no-dataset'}",
+    ]:
         assert piece in empty.split("## Missing")[1], piece
 
     # only the test and two runs of one stage: the score is reported, the timings summed
     logdir = tmp_path / "partial"
     (logdir / "ctrl" / "eval").mkdir(parents=True)
-    (logdir / "ctrl" / "eval" / "returns.csv").write_text("episode,seed,return,steps\n0,1,100,1000\n1,2,300,1000\n")
+    (logdir / "ctrl" / "eval" / "returns.csv").write_text(
+        "episode,seed,return,steps\n0,1,100,1000\n1,2,300,1000\n"
+    )
     for _ in range(2):
         run_timed("data", [sys.executable, "-c", "pass"], logdir / "report" / "timings.csv")
     text = build_report(logdir).read_text()

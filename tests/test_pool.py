@@ -3,6 +3,7 @@
 Task functions live at module level (spawned workers import them by name); the module
 imports nothing heavy, so workers start fast.
 """
+
 from __future__ import annotations
 
 import os
@@ -177,7 +178,8 @@ def test_initializer_raising_stops_at_once():
 
 def test_timeout_clock_starts_with_the_task(tmp_path, monkeypatch):
     """Neither a slow initializer nor a slow import of the task's module counts against the task."""
-    (tmp_path / "slow_import.py").write_text(textwrap.dedent("""
+    (tmp_path / "slow_import.py").write_text(
+        textwrap.dedent("""
         import multiprocessing
         import time
 
@@ -187,7 +189,8 @@ def test_timeout_clock_starts_with_the_task(tmp_path, monkeypatch):
 
         def double(x):
             return 2 * x
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path
     import slow_import
 
@@ -212,8 +215,9 @@ def test_orphaned_worker_leaves_quietly():
         print(pool.pids[0], flush=True)
         pool.map(square_after, [(3, 10.0)])
     """)
-    process = subprocess.Popen([sys.executable, "-c", main], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # the worker inherits both
+    process = subprocess.Popen(
+        [sys.executable, "-c", main], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )  # the worker inherits both
     try:
         line = process.stdout.readline()
         assert line.strip().isdigit(), process.communicate(timeout=60)[1]
@@ -233,7 +237,9 @@ def _alive(pid: int) -> bool:
     """Whether a process exists (the pool joins the workers it stops, so none lingers as a zombie)."""
     try:
         os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # an orphan awaiting init
+        return (
+            Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        )  # an orphan awaiting init
     except (ProcessLookupError, FileNotFoundError):
         return False
     except OSError:  # no /proc: existing is alive enough

@@ -5,6 +5,7 @@ to 127.0.0.1 only, and the scripts join it by address as they would a cluster's.
 functions live at module level: the actors import this module by name (tests/ is on their
 PYTHONPATH because it is on this process's sys.path), so it imports nothing heavy at the top.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,10 +30,15 @@ RAY_CLI = Path(sys.executable).with_name("ray")
 # This module's cluster: loopback only (Ray's single-machine mode keeps 127.0.0.1, see
 # pool/ray_backend.py), no token authentication (nothing but this machine can reach it), and
 # the same settings for every driver that joins it.
-CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+CLUSTER_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
 
 
 # ----------------------------------------------------------------------------- tasks (run in actors)
+
 
 def square_after(x: int, delay: float) -> int:
     time.sleep(delay)
@@ -57,6 +63,7 @@ def boom(x: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the cluster
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -87,9 +94,24 @@ def cluster():
     os.environ.update(CLUSTER_ENV)  # for this process's drivers and the scripts it runs
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None)
     port = free_port()
-    command = [str(RAY_CLI), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-               "--num-cpus", "2", "--include-dashboard=false", "--temp-dir", temp, "--disable-usage-stats"]
-    starter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    command = [
+        str(RAY_CLI),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--include-dashboard=false",
+        "--temp-dir",
+        temp,
+        "--disable-usage-stats",
+    ]
+    starter = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = starter.communicate(timeout=120)
         assert starter.returncode == 0, output
@@ -113,28 +135,44 @@ def cluster():
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     """A top-level script run like a user would, from the repo root."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
-def read_rows(path: Path, drop: tuple[str, ...] = ("frames_per_s", "time_s", "wall_min")) -> list[dict[str, str]]:
+def read_rows(
+    path: Path, drop: tuple[str, ...] = ("frames_per_s", "time_s", "wall_min")
+) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(handle)]
 
 
 # ----------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("script, args", [
-    ("data/generation_script.py", ["--rollouts", "1", "--rootdir", "{tmp}/data"]),
-    ("traincontroller.py", ["--logdir", "{tmp}/logs"]),
-    ("test_controller.py", ["--logdir", "{tmp}/logs"]),
-])
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("data/generation_script.py", ["--rollouts", "1", "--rootdir", "{tmp}/data"]),
+        ("traincontroller.py", ["--logdir", "{tmp}/logs"]),
+        ("test_controller.py", ["--logdir", "{tmp}/logs"]),
+    ],
+)
 def test_backend_ray_without_ray_says_how_to_install(script, args, tmp_path):
     """`import ray` failing (sys.modules['ray'] = None makes it raise ImportError): one line, exit 1, nothing written."""
     argv = [script, *[a.format(tmp=tmp_path) for a in args], "--backend", "ray"]
-    code = (f"import runpy, sys; sys.modules['ray'] = None; sys.path.insert(0, {str(ROOT)!r}); "
-            f"sys.argv = {argv!r}; runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True, capture_output=True, timeout=120)
+    code = (
+        f"import runpy, sys; sys.modules['ray'] = None; sys.path.insert(0, {str(ROOT)!r}); "
+        f"sys.argv = {argv!r}; runpy.run_path({str(ROOT / script)!r}, run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, text=True, capture_output=True, timeout=120
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -147,8 +185,16 @@ def test_generation_on_ray_writes_the_local_bytes(cluster, tmp_path):
     common = ["--rollouts", "2", "--max-steps", "20", "--threads", "2", "--seed", "7"]
     local = run("data/generation_script.py", *common, "--rootdir", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr
-    remote = run("data/generation_script.py", *common, "--rootdir", str(tmp_path / "ray"), "--backend", "ray",
-                 "--ray-address", cluster)
+    remote = run(
+        "data/generation_script.py",
+        *common,
+        "--rootdir",
+        str(tmp_path / "ray"),
+        "--backend",
+        "ray",
+        "--ray-address",
+        cluster,
+    )
     assert remote.returncode == 0, remote.stderr
     files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.npz"))
     assert [str(p) for p in files] == ["thread_0/rollout_0.npz", "thread_1/rollout_1.npz"]
@@ -164,16 +210,38 @@ def test_cmaes_generation_on_ray_matches_local(cluster, tmp_path):
     from agent.search import Search
     from utils.checkpoint import load_checkpoint
 
-    args = ["--pop-size", "4", "--n-samples", "2", "--max-steps", "30", "--generations", "1", "--eval-every", "1",
-            "--eval-episodes", "1", "--sigma0", "0.5", "--max-workers", "2", "--seed", "3"]
+    args = [
+        "--pop-size",
+        "4",
+        "--n-samples",
+        "2",
+        "--max-steps",
+        "30",
+        "--generations",
+        "1",
+        "--eval-every",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--sigma0",
+        "0.5",
+        "--max-workers",
+        "2",
+        "--seed",
+        "3",
+    ]
     runs = {}
     for backend, extra in (("local", []), ("ray", ["--backend", "ray", "--ray-address", cluster])):
         logdir = make_world(tmp_path / backend)
         result = run("traincontroller.py", "--logdir", str(logdir), *args, *extra)
         assert result.returncode == 0, result.stderr
         es = Search.from_state(load_checkpoint(logdir / "ctrl" / "last.pt")).es
-        runs[backend] = dict(rows=read_rows(logdir / "ctrl" / "log.csv"), mean=es.mean, fitness=sorted(es.fit.fit),
-                             best=load_checkpoint(logdir / "ctrl" / "best.pt")["eval_return"])
+        runs[backend] = dict(
+            rows=read_rows(logdir / "ctrl" / "log.csv"),
+            mean=es.mean,
+            fitness=sorted(es.fit.fit),
+            best=load_checkpoint(logdir / "ctrl" / "best.pt")["eval_return"],
+        )
     local, remote = runs["local"], runs["ray"]
     assert len(local["rows"]) == 1 and local["rows"] == remote["rows"]
     assert local["fitness"] == remote["fitness"]  # every candidate's fitness
@@ -196,7 +264,9 @@ def test_killed_hung_and_failing_workers(cluster, tmp_path):
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
 
-        assert pool.map(square_after, [(x, 0.5) for x in range(6)], on_result=on_result) == [x * x for x in range(6)]
+        assert pool.map(square_after, [(x, 0.5) for x in range(6)], on_result=on_result) == [
+            x * x for x in range(6)
+        ]
         assert killed and pool.restarts >= 1
         assert any("was lost" in line and "rerunning" in line for line in logs), logs
 

@@ -1,4 +1,5 @@
 """Stage 1: rollout generation (determinism, resume, errors) and the two loaders."""
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,9 @@ GENERATE = [sys.executable, str(ROOT / "data" / "generation_script.py")]
 
 
 def generate(rootdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(GENERATE + ["--rootdir", str(rootdir), *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        GENERATE + ["--rootdir", str(rootdir), *args], capture_output=True, text=True, timeout=300
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -83,7 +86,11 @@ def test_generation_makes_valid_files_and_same_bytes_whatever_the_threads(tmp_pa
     result = generate(two, "--rollouts", "4", "--threads", "2", "--max-steps", "30", "--seed", "5")
     assert "generated 4 rollouts" in result.stdout
     assert sorted(p.relative_to(two).as_posix() for p in two.rglob("*.npz")) == [
-        "thread_0/rollout_0.npz", "thread_0/rollout_2.npz", "thread_1/rollout_1.npz", "thread_1/rollout_3.npz"]
+        "thread_0/rollout_0.npz",
+        "thread_0/rollout_2.npz",
+        "thread_1/rollout_1.npz",
+        "thread_1/rollout_3.npz",
+    ]
     for path in two.rglob("*.npz"):
         arrays = load_rollout(path)
         assert arrays is not None and len(arrays["actions"]) == 30
@@ -119,7 +126,9 @@ def test_resume_skips_complete_rollouts_and_ignores_partial_files(tmp_path):
 
 def test_killed_run_leaves_only_complete_files_and_rerun_finishes(tmp_path):
     args = GENERATE + ["--rootdir", str(tmp_path), "--rollouts", "3", "--threads", "1", "--max-steps", "400"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.rglob("rollout_*.npz")) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -132,7 +141,9 @@ def test_killed_run_leaves_only_complete_files_and_rerun_finishes(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("flag,value", [("--rollouts", "0"), ("--threads", "-1"), ("--policy", "pink"), ("--max-steps", "x")])
+@pytest.mark.parametrize(
+    "flag,value", [("--rollouts", "0"), ("--threads", "-1"), ("--policy", "pink"), ("--max-steps", "x")]
+)
 def test_bad_cli_values_exit_2(tmp_path, flag, value):
     args = ["--rollouts", "1", flag, value]
     result = generate(tmp_path, *args, check=False)
@@ -203,7 +214,9 @@ def test_frame_dataset_yields_every_frame_once_with_bounded_buffer(tiny_dataset)
     assert all(len(b) == 16 for b in batches[:-1])
     reference = np.concatenate([load_rollout(p)["observations"] for p in paths])
     # same multiset of frames: compare sorted per-frame checksums
-    checksum = lambda x: np.sort(np.asarray(x, dtype=np.int64).reshape(len(x), -1).sum(1) * 7919 + np.asarray(x)[:, 10, 10, 0])
+    checksum = lambda x: np.sort(
+        np.asarray(x, dtype=np.int64).reshape(len(x), -1).sum(1) * 7919 + np.asarray(x)[:, 10, 10, 0]
+    )
     assert np.array_equal(checksum(frames.numpy()), checksum(reference))
     assert not torch.equal(frames, torch.from_numpy(reference))  # shuffled
     data.set_epoch(0)
@@ -247,7 +260,10 @@ def test_sequence_dataset_windows_next_frames_and_masks(tiny_dataset):
 
 def test_sequence_dataset_in_memory_source_and_shuffle():
     rng = np.random.default_rng(0)
-    source = [{"mu": rng.standard_normal((n, 4)).astype(np.float32), "rewards": np.arange(n, dtype=np.float32)} for n in (12, 5, 9)]
+    source = [
+        {"mu": rng.standard_normal((n, 4)).astype(np.float32), "rewards": np.arange(n, dtype=np.float32)}
+        for n in (12, 5, 9)
+    ]
     data = SequenceDataset(source, seq_len=4, batch_size=2, shuffle=True, next_keys=("mu",), seed=1)
     batches = list(data)
     assert len(data) <= len(batches) <= len(data) + len(source)

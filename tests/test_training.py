@@ -4,6 +4,7 @@ rerun makes agree with each other (last.pt, best.pt, log.csv, the epoch pictures
 A tiny synthetic stage (a linear model, a fixed schedule of test losses) runs in-process; the
 kill is an exception raised in place of the Nth write of the loop.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,7 +40,7 @@ class EpochData:
         return iter([self.epoch] * self.batches)
 
 
-def make_run(stage_dir: Path, events: "Events") -> TrainingRun:
+def make_run(stage_dir: Path, events: Events) -> TrainingRun:
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -56,9 +57,19 @@ def make_run(stage_dir: Path, events: "Events") -> TrainingRun:
     def test_step(epoch: int) -> dict[str, float]:
         return {"loss": TEST_LOSSES[epoch], "items": 1}
 
-    return TrainingRun(stage_dir=stage_dir, model=model, optimizer=optimizer, scheduler=scheduler, config={"size": 2},
-                       train_data=EpochData(3), test_data=EpochData(1), train_step=train_step, test_step=test_step,
-                       patience=0, on_epoch_end=lambda epoch, _: events("picture", lambda: events.pictures.add(epoch)))
+    return TrainingRun(
+        stage_dir=stage_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config={"size": 2},
+        train_data=EpochData(3),
+        test_data=EpochData(1),
+        train_step=train_step,
+        test_step=test_step,
+        patience=0,
+        on_epoch_end=lambda epoch, _: events("picture", lambda: events.pictures.add(epoch)),
+    )
 
 
 class Events:
@@ -90,11 +101,14 @@ def events(monkeypatch) -> Events:
             line = ",".join(str(row.get(f, "")) for f in log.fields)
             with open(log.path, "a") as handle:
                 handle.write(line[: len(line) // 2])
+
         return events("row", lambda: append(log, row), half)
 
     monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
     monkeypatch.setattr(training.CSVLog, "append", csv_append)
-    monkeypatch.setattr(training, "plot_columns", lambda *args, **kwargs: events("curves", lambda: plot(*args, **kwargs)))
+    monkeypatch.setattr(
+        training, "plot_columns", lambda *args, **kwargs: events("curves", lambda: plot(*args, **kwargs))
+    )
     return events
 
 
@@ -123,7 +137,10 @@ def test_kill_between_any_two_writes_then_rerun_agrees(events, tmp_path, capsys)
     writes, names = events.count, list(events.names)
     assert names[:4] == ["picture", "last.pt", "best.pt", "row"]  # the order the protocol relies on
     assert names.count("best.pt") == 3 and names.count("last.pt") == EPOCHS
-    reference_last, reference_best = load_checkpoint(reference / "last.pt"), load_checkpoint(reference / "best.pt")
+    reference_last, reference_best = (
+        load_checkpoint(reference / "last.pt"),
+        load_checkpoint(reference / "best.pt"),
+    )
     assert reference_best["epoch"] == BEST_EPOCH
     assert_consistent(reference, EPOCHS)
     capsys.readouterr()
@@ -140,11 +157,15 @@ def test_kill_between_any_two_writes_then_rerun_agrees(events, tmp_path, capsys)
             committed = load_checkpoint(stage / "last.pt")["epoch"]
             capsys.readouterr()
             fit(make_run(stage, events), committed)
-            said = re.search(r"resuming .* after epoch (\d+) \(best test loss ([\d.e+-]+)\)", capsys.readouterr().out)
+            said = re.search(
+                r"resuming .* after epoch (\d+) \(best test loss ([\d.e+-]+)\)", capsys.readouterr().out
+            )
             assert said and int(said[1]) == committed
             assert float(said[2]) == min(TEST_LOSSES[e] for e in range(1, committed + 1)), kill_at
             assert_consistent(stage, committed)
-            assert set(range(1, committed + 1)) <= pictures, f"a committed epoch without its pictures (kill at {kill_at})"
+            assert set(range(1, committed + 1)) <= pictures, (
+                f"a committed epoch without its pictures (kill at {kill_at})"
+            )
         # and a rerun to the end gives the uninterrupted run's files
         fit(make_run(stage, events), EPOCHS)
         assert_consistent(stage, EPOCHS)

@@ -3,6 +3,7 @@
 Model-level checks (shapes, loss values) live in test_models.py; here: the files a run
 leaves, exact resume, best/last semantics, and one-line errors.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,7 +22,19 @@ LOSS_COLUMNS = ["train_loss", "train_recon", "train_kl", "test_loss", "test_reco
 
 
 def trainvae(logdir: Path, dataset: Path, *flags: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "trainvae.py", "--logdir", str(logdir), "--dataset", str(dataset), "--batch-size", "8", "--device", "cpu", *flags]
+    command = [
+        sys.executable,
+        "trainvae.py",
+        "--logdir",
+        str(logdir),
+        "--dataset",
+        str(dataset),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        *flags,
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -70,7 +83,14 @@ def two_epochs(tiny_dataset, tmp_path_factory) -> Path:
 
 def test_one_epoch_writes_everything(one_epoch):
     stage = one_epoch / "vae"
-    for name in ("last.pt", "best.pt", "log.csv", "curves.png", "images/recon_001.png", "images/samples_001.png"):
+    for name in (
+        "last.pt",
+        "best.pt",
+        "log.csv",
+        "curves.png",
+        "images/recon_001.png",
+        "images/samples_001.png",
+    ):
         assert (stage / name).is_file(), name
     (row,) = rows(one_epoch)
     assert row["epoch"] == "1"
@@ -80,7 +100,9 @@ def test_one_epoch_writes_everything(one_epoch):
     assert {"lr", "batch_size", "kl_tolerance"} <= set(last["config"])
     assert last["best_loss"] == pytest.approx(float(row["test_loss"]), rel=1e-5)
     recon = imread(stage / "images/recon_001.png")
-    assert recon.shape[0] == 2 + 2 * 66 and recon.shape[1] == 2 + 8 * 66  # one test rollout: its frames above their reconstructions
+    assert (
+        recon.shape[0] == 2 + 2 * 66 and recon.shape[1] == 2 + 8 * 66
+    )  # one test rollout: its frames above their reconstructions
 
 
 def test_resume_is_exact(one_epoch, two_epochs, tiny_dataset, tmp_path):
@@ -98,7 +120,9 @@ def test_resume_is_exact(one_epoch, two_epochs, tiny_dataset, tmp_path):
     assert resumed["scheduler"] == straight["scheduler"]
     assert resumed["early_stopping"] == straight["early_stopping"]
     assert resumed["best_loss"] == straight["best_loss"]
-    assert [[r[c] for c in ["epoch"] + LOSS_COLUMNS] for r in rows(logdir)] == [[r[c] for c in ["epoch"] + LOSS_COLUMNS] for r in rows(two_epochs)]
+    assert [[r[c] for c in ["epoch"] + LOSS_COLUMNS] for r in rows(logdir)] == [
+        [r[c] for c in ["epoch"] + LOSS_COLUMNS] for r in rows(two_epochs)
+    ]
     assert (logdir / "vae/images/recon_002.png").is_file()
 
 

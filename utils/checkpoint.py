@@ -4,6 +4,7 @@ Files are written atomically (utils.files.atomic_write), so a kill at any moment
 previous complete file. They hold only tensors, numbers, strings and containers of those, so
 they load with `torch.load(..., weights_only=True)`: nothing read from a logdir runs code.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,8 +35,13 @@ def stage_dir(logdir: str | os.PathLike, stage: str) -> Path:
     return Path(logdir) / stage
 
 
-def require_checkpoint(logdir: str | os.PathLike, stage: str, which: str = BEST, map_location: str | torch.device = "cpu",
-                       keys: tuple[str, ...] = ("state_dict", "config")) -> dict[str, Any]:
+def require_checkpoint(
+    logdir: str | os.PathLike,
+    stage: str,
+    which: str = BEST,
+    map_location: str | torch.device = "cpu",
+    keys: tuple[str, ...] = ("state_dict", "config"),
+) -> dict[str, Any]:
     """The previous stage's checkpoint with `keys`, or one line naming the command that makes it."""
     path = stage_dir(logdir, stage) / which
     command = stage_command(stage, logdir)
@@ -51,15 +57,25 @@ def require_checkpoint(logdir: str | os.PathLike, stage: str, which: str = BEST,
     return state
 
 
-def check_config(saved: dict[str, Any], wanted: dict[str, Any], path: str | os.PathLike, keys: list[str] | None = None) -> None:
+def check_config(
+    saved: dict[str, Any], wanted: dict[str, Any], path: str | os.PathLike, keys: list[str] | None = None
+) -> None:
     """Stop with one line if a checkpoint was made with other sizes than asked for now."""
     keys = keys if keys is not None else list(wanted)
-    diffs = [f"{k}={saved.get(k)!r} (asked {wanted[k]!r})" for k in keys if k in wanted and saved.get(k) != wanted[k]]
+    diffs = [
+        f"{k}={saved.get(k)!r} (asked {wanted[k]!r})"
+        for k in keys
+        if k in wanted and saved.get(k) != wanted[k]
+    ]
     if diffs:
-        fail(f"{path} was made with {', '.join(diffs)}; use --noreload to start afresh, or the same flags to resume")
+        fail(
+            f"{path} was made with {', '.join(diffs)}; use --noreload to start afresh, or the same flags to resume"
+        )
 
 
-def load_model(cls: type, logdir: str | os.PathLike, stage: str, device: str | torch.device = "cpu", which: str = BEST) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(
+    cls: type, logdir: str | os.PathLike, stage: str, device: str | torch.device = "cpu", which: str = BEST
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a stage's model from its checkpoint: sizes from `config`, never from constants.
 
     Only the constructor arguments of `cls` are taken from the config (which also holds
@@ -73,5 +89,7 @@ def load_model(cls: type, logdir: str | os.PathLike, stage: str, device: str | t
         model.load_state_dict(state["state_dict"])
     except Exception as error:
         path = stage_dir(logdir, stage) / which
-        fail(f"{path} does not hold a {cls.__name__} ({type(error).__name__}); rerun `{stage_command(stage, logdir)} --noreload`")
+        fail(
+            f"{path} does not hold a {cls.__name__} ({type(error).__name__}); rerun `{stage_command(stage, logdir)} --noreload`"
+        )
     return model.eval(), state

@@ -5,6 +5,7 @@ status 2, never a traceback from deep inside a stage. A stage that cannot go on 
 `fail(...)`: one line on stderr, exit status 1. `stage_command` spells the command that makes
 a stage's output, for every "run this first" hint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,9 @@ def _number(kind: type, text: str) -> int | float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
@@ -73,6 +76,7 @@ def _number(kind: type, text: str) -> int | float:
 
 def int_in(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high] (high=None: no upper bound)."""
+
     def parse(text: str) -> int:
         value = _number(int, text)
         if value < low:
@@ -80,6 +84,7 @@ def int_in(low: int, high: int | None = None):
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
+
     parse.__name__ = "integer"  # argparse names the type in its messages
     return parse
 
@@ -127,7 +132,9 @@ def device_name(text: str) -> str:
     try:
         torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N or mps)") from None
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r} (auto, cpu, cuda, cuda:N or mps)"
+        ) from None
     return text
 
 

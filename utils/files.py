@@ -10,14 +10,15 @@ Fault injection (tests/test_faults.py): with WORLD_MODELS_KILL_AT_WRITE=N in the
 a process SIGKILLs itself inside its N-th atomic write, after the temporary file is written
 and before the rename, the worst moment for a kill.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
-
+from typing import IO
 
 KILL_AT_WRITE = int(os.environ.get("WORLD_MODELS_KILL_AT_WRITE", "0") or 0)  # fault injection only; 0: never
 _writes = 0  # atomic writes done by this process
@@ -56,7 +57,9 @@ def remove_orphaned_temps(folder: str | os.PathLike) -> int:
     not write again still leaves no temporary behind.
     """
     folder = Path(folder)
-    orphans = [p for p in folder.rglob(".*.tmp*") if is_temp_file(p) and _orphaned(p)] if folder.is_dir() else []
+    orphans = (
+        [p for p in folder.rglob(".*.tmp*") if is_temp_file(p) and _orphaned(p)] if folder.is_dir() else []
+    )
     for tmp in orphans:
         tmp.unlink(missing_ok=True)
     return len(orphans)

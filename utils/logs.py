@@ -1,10 +1,12 @@
 """CSV logs and their matplotlib plots, written in each stage's folder of the logdir."""
+
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -21,7 +23,13 @@ class CSVLog:
     resume; `keep_before` removes such rows so every epoch appears once.
     """
 
-    def __init__(self, path: str | os.PathLike, fields: Sequence[str], step_field: str = "epoch", keep_before: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fields: Sequence[str],
+        step_field: str = "epoch",
+        keep_before: int | None = None,
+    ) -> None:
         self.path, self.fields, self.step_field = Path(path), list(fields), step_field
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.read() if keep_before is not None and self.path.exists() else []
@@ -42,8 +50,13 @@ class CSVLog:
             return list(csv.DictReader(handle))
 
 
-def plot_columns(csv_path: str | os.PathLike, png_path: str | os.PathLike, x: str,
-                 panels: dict[str, Sequence[str] | tuple[str, Sequence[str]]], title: str = "") -> None:
+def plot_columns(
+    csv_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    x: str,
+    panels: dict[str, Sequence[str] | tuple[str, Sequence[str]]],
+    title: str = "",
+) -> None:
     """One subplot per panel, each drawing the named CSV columns against `x`.
 
     A panel given as (x_column, columns) uses its own x (e.g. env frames, wall minutes).
@@ -55,7 +68,11 @@ def plot_columns(csv_path: str | os.PathLike, png_path: str | os.PathLike, x: st
     for ax, (name, spec) in zip(axes[0], panels.items()):
         panel_x, columns = spec if isinstance(spec, tuple) else (x, spec)
         for column in columns:
-            points = [(float(r[panel_x]), float(r[column])) for r in rows if r.get(column) not in (None, "") and r.get(panel_x) not in (None, "")]
+            points = [
+                (float(r[panel_x]), float(r[column]))
+                for r in rows
+                if r.get(column) not in (None, "") and r.get(panel_x) not in (None, "")
+            ]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=column)

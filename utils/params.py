@@ -6,6 +6,7 @@ functions are the only crossing point, so the layout (that of
 `model.parameters()` order) is defined once, and `models.controller.batched_actions` agrees
 with it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,5 +37,7 @@ def set_flat_params(model: torch.nn.Module, flat: np.ndarray) -> torch.nn.Module
         raise ValueError(f"expected a flat vector of {expected} parameters, got shape {flat.shape}")
     first = next(model.parameters())
     with torch.no_grad():
-        vector_to_parameters(torch.as_tensor(flat, dtype=first.dtype, device=first.device), model.parameters())
+        vector_to_parameters(
+            torch.as_tensor(flat, dtype=first.dtype, device=first.device), model.parameters()
+        )
     return model

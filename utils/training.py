@@ -23,6 +23,7 @@ restored). A kill before epoch k+1's commit loses that epoch, which the rerun re
 after it loses nothing. Either way best.pt, log.csv and the rerun's messages agree with last.pt.
 A run that starts without resuming deletes best.pt first: it must only hold this run's best.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,9 +33,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +49,7 @@ from utils.logs import CSVLog, plot_columns
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> CUDA when present, else CPU. Asking for CUDA without one is a one-line error."""
+    """ "auto" -> CUDA when present, else CPU. Asking for CUDA without one is a one-line error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -122,7 +124,9 @@ def _run_epoch(step: StepFn, data: Iterable, names: list[str], bar: tqdm | None)
         if not math.isfinite(out["loss"]):
             if bar is not None:
                 bar.close()
-            fail(f"loss became {out['loss']} (non-finite); stopped, the last good checkpoints are kept. Try a lower --lr")
+            fail(
+                f"loss became {out['loss']} (non-finite); stopped, the last good checkpoints are kept. Try a lower --lr"
+            )
         n = out["items"]
         items += n
         for name in names:
@@ -165,7 +169,9 @@ def _roll_forward(state: dict[str, Any], last_path: Path, best_path: Path) -> No
     if state.get("best_epoch") == epoch and _saved_epoch(best_path) != epoch:
         with atomic_write(best_path) as out, open(last_path, "rb") as source:
             shutil.copyfileobj(source, out)  # same payload as the interrupted best.pt write
-        print(f"restored {best_path} from {last_path} (epoch {epoch}, the best; the previous run stopped before writing it)")
+        print(
+            f"restored {best_path} from {last_path} (epoch {epoch}, the best; the previous run stopped before writing it)"
+        )
 
 
 def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]:
@@ -177,7 +183,12 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
     start_epoch, best_loss, best_epoch = 1, math.inf, None
     committed_rows: list[dict[str, Any]] | None = []  # None: a last.pt from before log_rows existed
     names = ["loss"] + run.metrics
-    fields = ["epoch"] + [f"train_{n}" for n in names] + [f"test_{n}" for n in names] + ["lr", f"{run.unit}s_per_s", "epoch_time_s"]
+    fields = (
+        ["epoch"]
+        + [f"train_{n}" for n in names]
+        + [f"test_{n}" for n in names]
+        + ["lr", f"{run.unit}s_per_s", "epoch_time_s"]
+    )
     log_path = run.stage_dir / "log.csv"
     remove_orphaned_temps(run.stage_dir)  # what a kill inside a write left behind
     if not noreload and last_path.exists():
@@ -190,7 +201,9 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
             early.load_state_dict(state["early_stopping"])
             torch.set_rng_state(state["torch_rng"])
             start_epoch, best_loss = int(state["epoch"]) + 1, float(state["best_loss"])
-            best_epoch = state["best_epoch"] if "best_epoch" in state else _saved_epoch(best_path)  # older last.pt
+            best_epoch = (
+                state["best_epoch"] if "best_epoch" in state else _saved_epoch(best_path)
+            )  # older last.pt
             committed_rows = list(state["log_rows"]) if "log_rows" in state else None
         except Exception as error:  # (check_config's own one-line exit is a SystemExit, not caught here)
             fail(f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh")
@@ -218,7 +231,13 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
             if hasattr(data, "set_epoch"):
                 data.set_epoch(epoch)
         run.model.train()
-        with tqdm(total=run.train_items, unit=run.unit, unit_scale=True, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True) as bar:
+        with tqdm(
+            total=run.train_items,
+            unit=run.unit,
+            unit_scale=True,
+            desc=f"epoch {epoch}/{epochs}",
+            dynamic_ncols=True,
+        ) as bar:
             train = _run_epoch(run.train_step, run.train_data, names, bar)
         train_time = time.perf_counter() - t0
         run.model.eval()
@@ -229,7 +248,11 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
         improved = test["loss"] < best_loss
         if improved:
             best_loss, best_epoch = test["loss"], epoch
-        row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], f"{run.unit}s_per_s": train["items"] / train_time}
+        row = {
+            "epoch": epoch,
+            "lr": run.optimizer.param_groups[0]["lr"],
+            f"{run.unit}s_per_s": train["items"] / train_time,
+        }
         row |= {f"train_{n}": train[n] for n in names} | {f"test_{n}": test[n] for n in names}
         payload = {
             "state_dict": run.model.state_dict(),
@@ -254,7 +277,9 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
             save_checkpoint(best_path, payload)
         log.append(rows[-1])
         _plot(run, log_path)
-        print(f"epoch {epoch}: train loss {train['loss']:.5g}, test loss {test['loss']:.5g}{' (best)' if improved else ''}, {row[f'{run.unit}s_per_s']:.0f} {run.unit}s/s")
+        print(
+            f"epoch {epoch}: train loss {train['loss']:.5g}, test loss {test['loss']:.5g}{' (best)' if improved else ''}, {row[f'{run.unit}s_per_s']:.0f} {run.unit}s/s"
+        )
         if stop:
             stopped_early = True
             print(f"early stopping: no test-loss improvement in {early.patience} epochs")
