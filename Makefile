@@ -10,58 +10,50 @@
 #
 # Override any setting on the command line: make pipeline LOGDIR=runs/big ROLLOUTS=400 GENERATIONS=60
 
-# ---- the default profile: a 2-core CPU, no GPU, 95 minutes, 817.2 ± 131.6 over 100 held-out tracks (README, Results) ----
+# ---- settings: empty means the scripts' own default, the default profile (utils/profile.py) ----
+# Set any of these on the command line; only what is set is passed on, so `make pipeline` runs
+# exactly the README's by-hand commands. e.g. make pipeline LOGDIR=runs/big ROLLOUTS=400 GENERATIONS=60
 # run folder: vae/, mdrnn/, ctrl/ (checkpoints, logs, curves) and report/
 LOGDIR ?= logs
-# the agent acts every this many env frames (frames between are not drawn): rollouts, M, the dream and C
-# all work in steps of k frames (1 is the paper; DESIGN.md, Action repeat)
-ACTION_REPEAT ?= 4
-# rollout folder, one per k (shared by runs; generation skips the rollouts already there)
-DATASET ?= datasets/carracing-k$(ACTION_REPEAT)
-# Brownian-policy rollouts                   data:  640 x 250 rows (640k env frames) at ~800 rows/s on 2 cores, 3.3 min
-ROLLOUTS ?= 640
-# steps per rollout at most (1000 is the env's limit)
-ROLLOUT_STEPS ?= 1000
-# worker processes for data generation, controller training and the test episodes
-THREADS ?= 2
-# episodes one controller/test worker drives side by side, V, M and C stepping them as one batch
-ENVS_PER_WORKER ?= 4
-# where those workers run: local processes, or Ray actors (BACKEND=ray; RAY_ADDRESS=HOST:PORT joins a cluster)
-BACKEND ?= local
+# the agent acts every this many env frames, in every stage (default 4; 1 is the paper)
+ACTION_REPEAT ?=
+# rollout folder (default datasets/carracing-k<ACTION_REPEAT>, one folder per k)
+DATASET ?= $(if $(ACTION_REPEAT),datasets/carracing-k$(ACTION_REPEAT))
+# Brownian-policy rollouts, and env frames per rollout at most
+ROLLOUTS ?=
+ROLLOUT_STEPS ?=
+# worker processes of generation, C's search and the test (default: all CPU cores)
+WORKERS ?= $(THREADS)
+# episodes a worker drives side by side as one batch
+ENVS_PER_WORKER ?=
+# where the workers run: local processes, or Ray actors (BACKEND=ray; RAY_ADDRESS=HOST:PORT joins a cluster)
+BACKEND ?=
 RAY_ADDRESS ?=
-# V epochs                                    vae:   144k train frames/epoch at ~330 frames/s, 7.4 min each
-VAE_EPOCHS ?= 1
-# M epochs                                    mdrnn: latent cache of 160k frames ~1.5 min + ~5 s/epoch, 2.3 min
-MDRNN_EPOCHS ?= 10
-# steps per M training sequence (truncated BPTT)
-SEQ_LEN ?= 32
-# real: C learns in the real env; dream: inside M (appends --dream --temperature $(TEMPERATURE))
+# V and M epochs; steps per M training sequence
+VAE_EPOCHS ?=
+MDRNN_EPOCHS ?=
+SEQ_LEN ?=
+# real: C learns in the real env; dream: inside M (--dream), at TEMPERATURE
 CTRL_MODE ?= real
-# M's sampling temperature in dream mode
-TEMPERATURE ?= 1.15
-# a training episode ends after this many frames without a new tile (-0.1 per frame left); 0: never
-STALL_FRAMES ?= 100
-# CMA-ES population                          ctrl:  100 generations of 24 x 4 (+ 20 x 16 evaluations), 79 min
-POP_SIZE ?= 24
-# episodes (tracks) per candidate; fitness is their mean
-N_SAMPLES ?= 4
-# CMA-ES generations, counted across resumes
-GENERATIONS ?= 100
-# evaluate the CMA-ES mean every this many generations (the best evaluation becomes ctrl/best.pt)
-EVAL_EVERY ?= 5
-# fresh tracks per evaluation
-EVAL_EPISODES ?= 16
-# steps per controller / test episode at most (1000 is the env's limit)
-EPISODE_STEPS ?= 1000
-# held-out test episodes                      test:  100 x 1000 frames at k=4 + the GIF, 1.2 min
-TEST_EPISODES ?= 100
+TEMPERATURE ?=
+# a training episode ends after this many frames without a new tile (0: never)
+STALL_FRAMES ?=
+# CMA-ES population, tracks per candidate, generations, and the evaluations of its mean
+POP_SIZE ?=
+N_SAMPLES ?=
+GENERATIONS ?=
+EVAL_EVERY ?=
+EVAL_EPISODES ?=
+# env frames per controller / test episode at most, and held-out test episodes
+EPISODE_STEPS ?=
+TEST_EPISODES ?=
 # --noreload makes every stage start afresh instead of resuming (smoke sets it)
 NORELOAD ?=
 
 # ---- make smoke: every stage for real at toy size, from scratch (deletes $(SMOKE_DIR)/dataset and /logdir) ----
 SMOKE_DIR ?= runs/smoke
 SMOKE_PROFILE = LOGDIR=$(SMOKE_DIR)/logdir DATASET=$(SMOKE_DIR)/dataset NORELOAD=--noreload \
-	ROLLOUTS=4 ROLLOUT_STEPS=60 VAE_EPOCHS=1 MDRNN_EPOCHS=1 SEQ_LEN=16 \
+	ROLLOUTS=4 ROLLOUT_STEPS=60 MDRNN_EPOCHS=1 SEQ_LEN=16 \
 	POP_SIZE=4 N_SAMPLES=1 GENERATIONS=2 EVAL_EVERY=1 EVAL_EPISODES=2 EPISODE_STEPS=52 TEST_EPISODES=3
 
 # ---- interpreter ----
@@ -74,10 +66,13 @@ VENV_DEP := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 ifeq ($(filter $(CTRL_MODE),real dream),)
 $(error CTRL_MODE must be real or dream, not '$(CTRL_MODE)')
 endif
-CTRL_FLAGS := $(if $(filter dream,$(CTRL_MODE)),--dream --temperature $(TEMPERATURE),--stall-frames $(STALL_FRAMES))
+# `$(call flag,VAR,--flag)`: "--flag $(VAR)" when VAR is set, nothing when it is empty (the script's default)
+flag = $(if $($(1)),$(2) $($(1)))
+POOL_FLAGS = $(call flag,WORKERS,--workers) $(call flag,BACKEND,--backend) $(call flag,RAY_ADDRESS,--ray-address)
+AGENT_FLAGS = $(POOL_FLAGS) $(call flag,ENVS_PER_WORKER,--envs-per-worker) $(call flag,EPISODE_STEPS,--max-steps)
+CTRL_FLAGS = $(if $(filter dream,$(CTRL_MODE)),--dream $(call flag,TEMPERATURE,--temperature),$(call flag,STALL_FRAMES,--stall-frames))
 # each stage runs through reporting/timing.py: one row per run (stage, seconds, started, status, command)
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
-POOL_FLAGS := --backend $(BACKEND) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage
 
 .PHONY: venv test faults bench clean-venv pipeline smoke data vae mdrnn ctrl evaluate report
@@ -118,23 +113,25 @@ smoke: $(VENV_DEP)
 	$(MAKE) --no-print-directory pipeline $(SMOKE_PROFILE)
 
 data: $(VENV_DEP)
-	$(TIMED) data -- $(PY) data/generation_script.py --rollouts $(ROLLOUTS) --rootdir $(DATASET) --threads $(THREADS) --max-steps $(ROLLOUT_STEPS) --action-repeat $(ACTION_REPEAT) $(POOL_FLAGS)
+	$(TIMED) data -- $(PY) data/generation_script.py $(call flag,ROLLOUTS,--rollouts) $(call flag,DATASET,--rootdir) \
+		$(call flag,ROLLOUT_STEPS,--max-steps) $(call flag,ACTION_REPEAT,--action-repeat) $(POOL_FLAGS)
 
 vae: $(VENV_DEP)
-	$(TIMED) vae -- $(PY) trainvae.py --logdir $(LOGDIR) --dataset $(DATASET) --epochs $(VAE_EPOCHS) $(NORELOAD)
+	$(TIMED) vae -- $(PY) trainvae.py --logdir $(LOGDIR) $(call flag,DATASET,--dataset) $(call flag,VAE_EPOCHS,--epochs) $(NORELOAD)
 
 mdrnn: $(VENV_DEP)
-	$(TIMED) mdrnn -- $(PY) trainmdrnn.py --logdir $(LOGDIR) --dataset $(DATASET) --epochs $(MDRNN_EPOCHS) --seq-len $(SEQ_LEN) $(NORELOAD)
+	$(TIMED) mdrnn -- $(PY) trainmdrnn.py --logdir $(LOGDIR) $(call flag,DATASET,--dataset) $(call flag,MDRNN_EPOCHS,--epochs) \
+		$(call flag,SEQ_LEN,--seq-len) $(NORELOAD)
 
 ctrl: $(VENV_DEP)
-	$(TIMED) ctrl -- $(PY) traincontroller.py --logdir $(LOGDIR) --pop-size $(POP_SIZE) --n-samples $(N_SAMPLES) \
-		--generations $(GENERATIONS) --eval-every $(EVAL_EVERY) --eval-episodes $(EVAL_EPISODES) \
-		--max-steps $(EPISODE_STEPS) --max-workers $(THREADS) --envs-per-worker $(ENVS_PER_WORKER) $(CTRL_FLAGS) $(POOL_FLAGS) $(NORELOAD)
+	$(TIMED) ctrl -- $(PY) traincontroller.py --logdir $(LOGDIR) $(call flag,POP_SIZE,--pop-size) $(call flag,N_SAMPLES,--n-samples) \
+		$(call flag,GENERATIONS,--generations) $(call flag,EVAL_EVERY,--eval-every) $(call flag,EVAL_EPISODES,--eval-episodes) \
+		$(CTRL_FLAGS) $(AGENT_FLAGS) $(NORELOAD)
 
 # always reruns (no resume): the score must be of the current ctrl/best.pt
 evaluate: $(VENV_DEP)
-	$(TIMED) test -- $(PY) test_controller.py --logdir $(LOGDIR) --episodes $(TEST_EPISODES) --max-steps $(EPISODE_STEPS) \
-		--workers $(THREADS) --envs-per-worker $(ENVS_PER_WORKER) --record $(LOGDIR)/ctrl/eval/episode.gif $(POOL_FLAGS)
+	$(TIMED) test -- $(PY) test_controller.py --logdir $(LOGDIR) $(call flag,TEST_EPISODES,--episodes) \
+		--record $(LOGDIR)/ctrl/eval/episode.gif $(AGENT_FLAGS)
 
 report: $(VENV_DEP)
-	$(PY) -m reporting.report --logdir $(LOGDIR) --dataset $(DATASET)
+	$(PY) -m reporting.report --logdir $(LOGDIR) $(call flag,DATASET,--dataset)

@@ -3,32 +3,33 @@
     python test_controller.py --logdir L [--episodes 100] [--display] [--record run.gif]
 
 The tracks are fixed by --seed and disjoint from every track used in training or in its
-evaluations (agent.seeds.holdout_seeds), so the numbers printed are held-out returns;
-episode i is the same track whatever --episodes is. Episodes run in parallel in a worker
-pool (local processes, or Ray actors with --backend ray); with --display they run one at
-a time in a window instead (closing the window sends the rest back to the workers). --record replays episode 0 and writes it as
-a GIF; the agent is deterministic, so its return is episode 0's.
+evaluations (agent.seeds.holdout_seeds), so the returns are held-out returns; episode i is
+the same track whatever --episodes is. Episodes run in parallel on a worker pool; with
+--display they run one at a time in a window (closing it sends the rest to the pool).
+--record replays episode 0 as a GIF (the agent is deterministic: the same return).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from agent.display import WindowClosed, check_window_open, open_window_env
 from agent.policy import Agent, run_episode
-from agent.population import evaluate_candidates, init_worker, task_count
+from agent.population import RealEvaluator, WorkerSpec, add_agent_pool_args, init_worker, task_count
 from agent.seeds import holdout_seeds
-from agent.world import load_best_controller, load_world
+from agent.world import load_best_controller, load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS, make_env
-from pool import WorkerError, add_backend_args, check_backend, make_pool
-from utils.cli import ArgumentParser, fail, int_in, positive_float, seed_int, writable_dir, writable_file
+from pool import WorkerError, check_backend, make_pool, worker_failure
+from utils import profile
+from utils.cli import ArgumentParser, int_in, run_script, seed_int, stage_command, writable_dir, writable_file
+from utils.errors import BadCheckpointError
 from utils.files import atomic_write, remove_orphaned_temps
 from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
 from utils.params import get_flat_params
@@ -37,184 +38,123 @@ ENV_FPS, GIF_FPS, GIF_SCALE = 50, 25, 0.5  # at most 25 fps of the 50 fps env, a
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/."
-    )
-    parser.add_argument(
-        "--logdir", type=writable_dir, required=True, help="folder holding vae/, mdrnn/ and ctrl/"
-    )
-    parser.add_argument(
-        "--episodes", type=int_in(1, 1_000_000), default=100, help="held-out tracks to run (default 100)"
-    )
-    parser.add_argument("--seed", type=seed_int, default=0, help="picks the held-out tracks (default 0)")
-    parser.add_argument(
-        "--display", action="store_true", help="watch the episodes in a window (one at a time)"
-    )
-    parser.add_argument(
-        "--record", metavar="FILE", type=writable_file, help="write episode 0 as an animated GIF to FILE"
-    )
-    parser.add_argument(
-        "--max-steps",
-        type=int_in(1, MAX_EPISODE_STEPS),
-        default=MAX_EPISODE_STEPS,
-        help=f"steps per episode at most (default and most: the env's {MAX_EPISODE_STEPS})",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int_in(1, 100_000),
-        default=os.cpu_count() or 1,
-        help="worker processes (default: all CPU cores)",
-    )
-    parser.add_argument(
-        "--envs-per-worker",
-        type=int_in(1, 1024),
-        default=4,
-        help="episodes a worker drives side by side as one batch (default 4)",
-    )
-    parser.add_argument(
-        "--task-timeout",
-        type=positive_float,
-        default=300.0,
-        help="seconds one episode may take before its worker is replaced (default 300)",
-    )
-    parser.add_argument(
-        "--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer"
-    )
-    add_backend_args(parser)
-    args = parser.parse_args(argv)
-    check_backend(args.backend, args.ray_address)
-    return args
+    parser = ArgumentParser(description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/.")
+    add = parser.add_argument
+    add("--logdir", type=writable_dir, required=True, help="folder holding vae/, mdrnn/ and ctrl/")
+    add("--episodes", type=int_in(1, 1_000_000), default=profile.TEST_EPISODES,
+        help=f"held-out tracks to run (default {profile.TEST_EPISODES})")
+    add("--seed", type=seed_int, default=0, help="picks the held-out tracks (default 0)")
+    add("--display", action="store_true", help="watch the episodes in a window (one at a time)")
+    add("--record", metavar="FILE", type=writable_file, help="write episode 0 as an animated GIF to FILE")
+    add("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS,
+        help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    add_agent_pool_args(parser)
+    return parser.parse_args(argv)  # fmt: skip
 
 
-def write_gif(frames: list, path: Path, fps: float) -> None:
-    """PIL images -> looping animated GIF, written under a temporary name then renamed."""
-    with atomic_write(path) as handle:
-        frames[0].save(
-            handle, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0
-        )
+def load_agent(logdir: str) -> tuple[Agent, dict, int]:
+    """V, M and best.pt's C as one Agent, best.pt's checkpoint, and k (C's and M's, which must agree)."""
+    vae, mdrnn, config = load_world(logdir)
+    controller, state = load_best_controller(logdir, config)
+    k, world_k = int(state.get("action_repeat", 1)), world_action_repeat(logdir)
+    if k != world_k:
+        raise BadCheckpointError(f"{Path(logdir) / 'ctrl' / 'best.pt'} acts every {k} frames but M was trained at "
+                                 f"k={world_k}; retrain C: {stage_command('ctrl', logdir)} --noreload")  # fmt: skip
+    return Agent(vae, mdrnn, controller), state, k
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    fast = not args.slow_env
-    vae, mdrnn, config = load_world(args.logdir)
-    controller, state = load_best_controller(args.logdir, config)
-    k = int(state.get("action_repeat", 1))  # C acts every k frames, as it was trained
-    seeds = holdout_seeds(args.seed, args.episodes)
-    print(
-        f"C from generation {state.get('generation')} (eval return {state.get('eval_return', float('nan')):.1f} in training), "
-        f"acting every {k} frame(s), on {len(seeds)} held-out tracks of {args.max_steps} frames"
-    )
-
-    # -- watched episodes, in this process ---------------------------------------------------------
+def watch(agent: Agent, seeds: list[int], args: argparse.Namespace, k: int) -> list[tuple[float, int]]:
+    """--display: play the episodes one by one in a window until it is closed; [(return, frames)]."""
+    env, problem = open_window_env(not args.slow_env, seeds[0], k)
+    if env is None:
+        print(f"display: {problem}; running headless", flush=True)
+        return []
     results: list[tuple[float, int]] = []
-    if args.display:
-        env, problem = open_window_env(fast, seeds[0], k)
-        if env is None:
-            print(f"display: {problem}; running headless", flush=True)
-        else:
-            agent = Agent(vae, mdrnn, controller)
-            try:
-                for index, seed in enumerate(seeds):
-                    results.append(run_episode(env, agent, seed, args.max_steps, on_step=check_window_open))
-                    print(
-                        f"episode {index}: return {results[-1][0]:.1f} in {results[-1][1]} steps", flush=True
-                    )
-            except WindowClosed:
-                print("display: window closed; the remaining episodes run headless", flush=True)
-            finally:
-                env.close()
+    try:
+        for index, seed in enumerate(seeds):
+            results.append(run_episode(env, agent, seed, args.max_steps, on_step=check_window_open))
+            print(f"episode {index}: return {results[-1][0]:.1f} in {results[-1][1]} frames", flush=True)
+    except WindowClosed:
+        print("display: window closed; the remaining episodes run headless", flush=True)
+    finally:
+        env.close()
+    return results
 
-    # -- the rest, in parallel -------------------------------------------------------------------
-    remaining = seeds[len(results) :]
-    if remaining:
-        workers = min(args.workers, task_count(1, len(remaining), args.envs_per_worker))
-        try:
-            with (
-                make_pool(
-                    args.backend,
-                    workers,
-                    init_worker,
-                    (args.logdir, fast, config, k, args.envs_per_worker),
-                    task_timeout=args.task_timeout * args.envs_per_worker,
-                    log=lambda text: tqdm.write(text, file=sys.stderr),
-                    ray_address=args.ray_address,
-                ) as pool,
-                tqdm(
-                    total=len(remaining),
-                    unit="ep",
-                    desc=f"evaluating ({workers} workers)",
-                    dynamic_ncols=True,
-                ) as bar,
-            ):
-                _, returns, steps = evaluate_candidates(
-                    pool,
-                    [get_flat_params(controller)],
-                    remaining,
-                    args.max_steps,
-                    bar.update,
-                    envs_per_worker=args.envs_per_worker,
-                )
-        except KeyboardInterrupt:
-            print("\ninterrupted; nothing written", file=sys.stderr)
-            sys.exit(130)
-        except WorkerError as error:
-            last_line = next(
-                (line for line in reversed(str(error).strip().splitlines()) if line.strip()), "unknown"
-            )
-            fail(f"a worker failed: {last_line.strip()}")
-        results += list(zip(returns[0].tolist(), steps[0].tolist()))
 
-    # -- report -------------------------------------------------------------------------------------
+def play_in_pool(agent: Agent, seeds: list[int], args: argparse.Namespace, k: int) -> list[tuple[float, int]]:
+    """The episodes in parallel on a worker pool; [(return, frames)] in the order of `seeds`."""
+    workers = min(args.workers, task_count(1, len(seeds), args.envs_per_worker))
+    spec = WorkerSpec(args.logdir, agent.controller.config, k, args.envs_per_worker, fast=not args.slow_env)
+    with make_pool(args.backend, workers, init_worker, (spec,), task_timeout=args.task_timeout * args.envs_per_worker,
+                   log=lambda text: tqdm.write(text, file=sys.stderr), ray_address=args.ray_address) as pool, \
+            tqdm(total=len(seeds), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar:  # fmt: skip
+        evaluator = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # full episodes
+        scores = evaluator.evaluate([get_flat_params(agent.controller)], seeds, bar.update)
+    return list(zip(scores.returns[0].tolist(), scores.frames[0].tolist()))
+
+
+def report(results: list[tuple[float, int]], seeds: list[int], eval_dir: Path) -> None:
+    """returns.csv (one row per track), the histogram returns.png, and the one-line summary."""
     returns = np.array([r for r, _ in results])  # (episodes,)
-    eval_dir = Path(args.logdir) / "ctrl" / "eval"
     remove_orphaned_temps(eval_dir)  # what a kill inside a write left behind
     log = CSVLog(eval_dir / "returns.csv", ["episode", "seed", "return", "frames"], step_field="episode")
     for index, (seed, (ret, n)) in enumerate(zip(seeds, results)):
-        log.append(dict(episode=index, seed=seed, **{"return": float(ret)}, frames=n))
+        log.append({"episode": index, "seed": seed, "return": float(ret), "frames": n})
     summary = f"{returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})"
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(returns, bins=min(30, max(5, len(returns) // 3)))
     ax.axvline(returns.mean(), color="k", linestyle="--", label="mean")
-    ax.set(
-        xlabel="episode return", ylabel="episodes", title=f"C on {len(returns)} held-out tracks: {summary}"
-    )
+    ax.set(xlabel="episode return", ylabel="episodes", title=f"C on {len(returns)} held-out tracks: {summary}")
     ax.legend()
     fig.tight_layout()
     with atomic_write(eval_dir / "returns.png") as handle:
         fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
-    print(
-        f"return over {len(returns)} episodes: {summary}, {int((returns < 500).sum())} below 500; "
-        f"per-episode returns in {eval_dir / 'returns.csv'}"
-    )
+    frames = sum(n for _, n in results)
+    print(f"return over {len(returns)} episodes: {summary}, {int((returns < 500).sum())} below 500; "
+          f"{frames} real env frames; per-episode returns in {eval_dir / 'returns.csv'}")  # fmt: skip
 
+
+def record(agent: Agent, seed: int, args: argparse.Namespace, k: int) -> None:
+    """Replay the first episode and write it as a GIF (the agent is deterministic: same return)."""
+    frames: list = []
+    counter, stride = itertools.count(), max(1, ENV_FPS // (GIF_FPS * k))  # <= 25 fps of the frames the agent sees
+    env = make_env(fast=not args.slow_env, action_repeat=k, render_mode="rgb_array")
+
+    def keep() -> None:
+        if next(counter) % stride == 0:
+            image = Image.fromarray(env.render())  # (400, 600, 3) uint8
+            frames.append(image.resize((round(image.width * GIF_SCALE), round(image.height * GIF_SCALE)), Image.BILINEAR))
+
+    ret, n = run_episode(env, agent, seed, args.max_steps, on_step=keep)
+    env.close()
+    with atomic_write(args.record) as handle:
+        frames[0].save(handle, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=round(1000 * k * stride / ENV_FPS), loop=0)  # fmt: skip
+    print(f"recorded episode 0 (return {ret:.1f}, {n} frames) to {args.record}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_backend(args.backend, args.ray_address)
+    agent, state, k = load_agent(args.logdir)
+    seeds = holdout_seeds(args.seed, args.episodes)  # tracks no training or evaluation ever used
+    print(f"C from generation {state.get('generation')} (eval return {state.get('eval_return', float('nan')):.1f} "
+          f"in training), acting every {k} frame(s), on {len(seeds)} held-out tracks of {args.max_steps} frames")  # fmt: skip
+    try:
+        results = watch(agent, seeds, args, k) if args.display else []
+        if len(results) < len(seeds):  # the rest (all, without --display) in parallel
+            results += play_in_pool(agent, seeds[len(results) :], args, k)
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing written", file=sys.stderr)
+        return 130
+    except WorkerError as error:
+        raise worker_failure(error, Path(args.logdir) / "ctrl" / "eval" / "worker_error.log") from None
+    report(results, seeds, Path(args.logdir) / "ctrl" / "eval")
     if args.record:
-        from PIL import Image
-
-        frames: list = []
-        counter, stride = itertools.count(), max(1, ENV_FPS // (GIF_FPS * k))
-
-        def keep(frame: np.ndarray) -> None:  # frame (400, 600, 3) uint8
-            if next(counter) % stride == 0:  # the agent sees every k-th frame; keep <= 25 fps
-                image = Image.fromarray(frame)
-                frames.append(
-                    image.resize(
-                        (round(image.width * GIF_SCALE), round(image.height * GIF_SCALE)), Image.BILINEAR
-                    )
-                )
-
-        env = make_env(fast=fast, action_repeat=k, render_mode="rgb_array")
-        ret, n = run_episode(
-            env, Agent(vae, mdrnn, controller), seeds[0], args.max_steps, on_step=lambda: keep(env.render())
-        )
-        env.close()
-        write_gif(frames, Path(args.record), ENV_FPS / (k * stride))
-        print(f"recorded episode 0 (return {ret:.1f}, {n} frames) to {args.record}")
+        record(agent, seeds[0], args, k)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C while loading, before any work: nothing to save
-        sys.exit(130)
+    run_script(main)

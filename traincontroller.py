@@ -1,84 +1,56 @@
-"""Stage 4: train the controller C with CMA-ES in the real CarRacing env -> L/ctrl/.
+"""Stage 4: train the controller C with CMA-ES -> L/ctrl/.
 
-    python traincontroller.py --logdir L [--pop-size 32 --n-samples 4 --max-workers N ...]
+    python traincontroller.py --logdir L [--pop-size 24 --n-samples 4 --generations 100 --dream]
 
 Each generation CMA-ES proposes --pop-size flat parameter vectors; each is scored by its mean
-return over --n-samples episodes, on the same tracks for every candidate (common random
-numbers: differences in fitness are then differences in driving, not in track luck). The
-episodes run in a worker pool (pool.make_pool: local processes, or Ray actors with
---backend ray): a task is one candidate on --envs-per-worker tracks, driven side by side with
-V, M and C batched, so a crashed or hung worker costs one rerun task.
-Every --eval-every generations (and at the end) the CMA-ES mean is scored on
---eval-episodes fresh tracks; the best of those becomes best.pt.
-
-Workers run on the CPU, one thread each: an agent encodes a handful of frames per step, which
-a CPU core does in a few milliseconds, so a GPU would add latency and a CUDA context per
-worker without speeding anything up (see agent/policy.py).
-
-Checkpoints (torch.load(weights_only=True) safe):
-  L/ctrl/last.pt  the search (agent/search.py): {"search": settings, "config", "generation",
-                  "fitness" (generations, pop) tensor, "sigma", "best_eval_return",
-                  "best_generation", "state_dict" (C at the CMA-ES mean)}; numbers only: cma's
-                  state is rebuilt on resume by replaying the fitness history.
-  L/ctrl/best.pt  the best evaluated C: {"state_dict" (loads into Controller(**config)),
-                  "config": {latent_size, hidden_size, action_size}, "generation",
-                  "eval_return", "eval_std", "eval_episodes", "search"}.
-Without --noreload a rerun resumes from last.pt; --generations counts across resumes.
+return over --n-samples tracks, the same tracks for every candidate (common random numbers),
+in the real env through a worker pool or, with --dream, inside M. Every --eval-every
+generations (and at the end) the CMA-ES mean plays --eval-episodes fresh tracks of the real
+env; the best of those evaluations is best.pt. last.pt is the search as numbers only
+(agent/search.py): a rerun continues it exactly, and refuses, naming the flag, settings that
+would change what its fitness values measured. The README has the checkpoint keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import multiprocessing as mp
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from agent.display import display_problem, watch_best
+from agent.display import DisplaySpec, display_problem, watch_best
 from agent.dream import DreamEvaluator
-from agent.population import evaluate_candidates, init_worker, task_count
+from agent.population import RealEvaluator, Scores, WorkerSpec, add_agent_pool_args, init_worker, task_count
 from agent.search import Search
 from agent.seeds import eval_seeds, train_seeds
 from agent.world import load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS
-from pool import WorkerError, add_backend_args, check_backend, make_pool
+from pool import WorkerError, check_backend, make_pool, worker_failure
+from utils import profile
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
 from utils.cli import (
     ArgumentParser,
     error_line,
-    fail,
     finite_float,
     int_in,
     positive_float,
     positive_int,
+    run_script,
     seed_int,
     writable_dir,
 )
-from utils.files import atomic_write, remove_orphaned_temps
+from utils.errors import BadCheckpointError
+from utils.files import remove_orphaned_temps
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params
 
-LOG_FIELDS = [
-    "generation",
-    "best_fitness",
-    "mean_fitness",
-    "worst_fitness",
-    "sigma",
-    "eval_mean",
-    "eval_std",
-    "eval_dream_mean",
-    "frames_per_s",
-    "dream_steps_per_s",
-    "time_s",
-    "env_frames",
-    "wall_min",
-]
+LOG_FIELDS = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma", "eval_mean", "eval_std",
+              "eval_dream_mean", "frames_per_s", "dream_steps_per_s", "time_s", "env_frames", "wall_min"]  # fmt: skip
 PLOT_PANELS = {
     "return": ["best_fitness", "mean_fitness", "worst_fitness", "eval_mean", "eval_dream_mean"],
     "CMA-ES step size": ["sigma"],
@@ -89,168 +61,78 @@ PLOT_PANELS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        description="Stage 4: train C with CMA-ES in CarRacing (reads L/vae, L/mdrnn; writes L/ctrl)."
-    )
-    parser.add_argument(
-        "--logdir",
-        type=writable_dir,
-        required=True,
-        help="folder holding vae/ and mdrnn/; ctrl/ is written there",
-    )
-    parser.add_argument(
-        "--pop-size",
-        type=int_in(2, 100_000),
-        default=32,
-        help="CMA-ES population per generation (default 32)",
-    )
-    parser.add_argument(
-        "--n-samples",
-        type=int_in(1, 10_000),
-        default=4,
-        help="episodes (tracks) per candidate; fitness is their mean return (default 4)",
-    )
-    parser.add_argument(
-        "--target-return",
-        type=finite_float,
-        default=900.0,
-        help="stop once an evaluation's mean return reaches this (default 900, 'solved')",
-    )
-    parser.add_argument(
-        "--max-workers",
-        type=int_in(1, 100_000),
-        default=os.cpu_count() or 1,
-        help="worker processes (default: all CPU cores)",
-    )
-    parser.add_argument(
-        "--generations",
-        type=positive_int,
-        default=300,
-        help="stop after this many generations, counted across resumes (default 300)",
-    )
-    parser.add_argument(
-        "--sigma0", type=positive_float, default=0.1, help="initial CMA-ES step size (default 0.1)"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=positive_int,
-        default=5,
-        help="evaluate the CMA-ES mean every this many generations, and at the end (default 5)",
-    )
-    parser.add_argument(
-        "--eval-episodes",
-        type=int_in(1, 100_000),
-        default=16,
-        help="fresh tracks per evaluation (default 16)",
-    )
-    parser.add_argument(
-        "--max-steps",
-        type=int_in(1, MAX_EPISODE_STEPS),
-        default=MAX_EPISODE_STEPS,
-        help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})",
-    )
-    parser.add_argument(
-        "--action-repeat",
-        type=int_in(1, 50),
-        default=None,
-        help="C acts every k env frames, the frames between not drawn (default and only choice: M's k, that of its rollouts)",
-    )
-    parser.add_argument(
-        "--stall-frames",
-        type=int_in(0, MAX_EPISODE_STEPS),
-        default=100,
-        help="end a training episode after this many frames without a new tile, charging -0.1 per frame left (default 100; 0: never; evaluations always play full episodes)",
-    )
-    parser.add_argument(
-        "--display",
-        action="store_true",
-        help="watch the current best C drive in a window (separate low-priority process)",
-    )
-    parser.add_argument(
-        "--noreload", action="store_true", help="start a new search instead of resuming L/ctrl/last.pt"
-    )
-    parser.add_argument(
-        "--seed", type=seed_int, default=0, help="seeds CMA-ES, the initial C and the track seeds (default 0)"
-    )
-    parser.add_argument(
-        "--envs-per-worker",
-        type=int_in(1, 1024),
-        default=4,
-        help="episodes a worker drives side by side, V, M and C stepping them as one batch (default 4)",
-    )
-    parser.add_argument(
-        "--task-timeout",
-        type=positive_float,
-        default=300.0,
-        help="seconds one episode may take before its worker is presumed hung, replaced and its episodes rerun (default 300)",
-    )
-    parser.add_argument(
-        "--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer"
-    )
-    add_backend_args(parser)  # --backend local|ray, --ray-address: where the real-env episodes run
-    parser.add_argument(
-        "--dream",
-        action="store_true",
-        help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=positive_float,
-        default=1.15,
-        help="dream temperature tau, with --dream (default 1.15)",
-    )
-    return parser.parse_args(argv)
+    parser = ArgumentParser(description="Stage 4: train C with CMA-ES (reads L/vae, L/mdrnn; writes L/ctrl).")
+    add = parser.add_argument
+    add("--logdir", type=writable_dir, required=True, help="folder holding vae/ and mdrnn/; ctrl/ is written there")
+    add("--pop-size", type=int_in(2, 100_000), default=profile.POP_SIZE,
+        help=f"CMA-ES population per generation (default {profile.POP_SIZE})")
+    add("--n-samples", type=int_in(1, 10_000), default=profile.N_SAMPLES,
+        help=f"tracks per candidate; its fitness is their mean return (default {profile.N_SAMPLES})")
+    add("--generations", type=positive_int, default=profile.GENERATIONS,
+        help=f"stop after this many generations, counted across resumes (default {profile.GENERATIONS})")
+    add("--target-return", type=finite_float, default=900.0,
+        help="stop once an evaluation's mean return reaches this (default 900, 'solved')")
+    add("--sigma0", type=positive_float, default=0.1, help="initial CMA-ES step size (default 0.1)")
+    add("--eval-every", type=positive_int, default=profile.EVAL_EVERY,
+        help=f"evaluate the CMA-ES mean every this many generations, and at the end (default {profile.EVAL_EVERY})")
+    add("--eval-episodes", type=int_in(1, 100_000), default=profile.EVAL_EPISODES,
+        help=f"fresh tracks per evaluation (default {profile.EVAL_EPISODES})")
+    add("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS,
+        help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    add("--stall-frames", type=int_in(0, MAX_EPISODE_STEPS), default=profile.STALL_FRAMES,
+        help=f"end a training episode after this many frames without a new tile, charging -0.1 per frame left "
+        f"(default {profile.STALL_FRAMES}; 0: never; evaluations always play full episodes)")
+    add("--dream", action="store_true",
+        help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env")
+    add("--temperature", type=positive_float, default=profile.TEMPERATURE,
+        help=f"dream temperature tau, with --dream (default {profile.TEMPERATURE})")
+    add("--display", action="store_true", help="watch the current best C drive in a window (a low-priority process)")
+    add("--noreload", action="store_true", help="start a new search instead of resuming L/ctrl/last.pt")
+    add("--seed", type=seed_int, default=0, help="seeds CMA-ES and the track seeds (default 0)")
+    add_agent_pool_args(parser, workers_alias="--max-workers")
+    return parser.parse_args(argv)  # fmt: skip
 
 
-def resume_or_start(
-    args: argparse.Namespace, config: dict[str, int], last_path: Path, best_path: Path
-) -> Search:
+def search_settings(args: argparse.Namespace, action_repeat: int) -> dict:
+    """The settings that decide what a generation's fitness values measure (a resume must match them)."""
+    return dict(pop_size=args.pop_size, action_repeat=action_repeat, dream=args.dream,
+                stall_frames=None if args.dream else args.stall_frames,
+                temperature=args.temperature if args.dream else None)  # fmt: skip
+
+
+def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: Path) -> Search:
     """The saved search from last.pt (unless --noreload), else a new one; one line if it cannot resume."""
+    last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
+    fixed = search_settings(args, world_action_repeat(args.logdir))  # C acts at M's k
     if args.noreload or not last_path.exists():
         for stale in (last_path, best_path):  # best.pt must only hold this search's best
             stale.unlink(missing_ok=True)
-        return Search(config, args.pop_size, args.sigma0, args.seed, args.action_repeat, args.stall_frames)
+        search = Search(config, sigma0=args.sigma0, seed=args.seed, **fixed)
+        save_checkpoint(last_path, search.state())  # from now on a valid last.pt exists
+        return search
     try:
         state = load_checkpoint(last_path)
-        check_config(dict(state["config"]), config, last_path)  # C for other V/M sizes: one line, --noreload
-        fixed = {
-            "pop_size": args.pop_size,
-            "action_repeat": args.action_repeat,
-            "stall_frames": args.stall_frames,
-        }
-        check_config(
-            dict(state["search"]), fixed, last_path
-        )  # what the saved fitness values were measured with
+        check_config(dict(state["config"]), config, last_path)  # C for other V/M sizes
+        check_config(dict(state["search"]), fixed, last_path)  # what the saved fitness values measured
         search = Search.from_state(state)
-    except SystemExit:
+    except BadCheckpointError:
         raise
-    except Exception as error:  # corrupt, foreign or from another version: one line
-        fail(f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh")
-    changed = [
-        f"--{k} {search.settings[k]}" for k in ("seed", "sigma0") if search.settings[k] != getattr(args, k)
-    ]
+    except Exception as error:  # corrupt, foreign or from another version
+        raise BadCheckpointError(
+            f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh"
+        ) from None
+    changed = [f"--{k} {search.settings[k]}" for k in ("seed", "sigma0") if search.settings[k] != getattr(args, k)]
     if changed:
-        print(
-            f"note: resuming the saved search with {', '.join(changed)} (these apply only to a new search, --noreload)"
-        )
+        print(f"note: resuming the saved search with {', '.join(changed)} (they apply to a new search, --noreload)")
     best = _read_best(best_path, config)
-    if (
-        best is None and search.best_generation
-    ):  # deleted, damaged or foreign: let the next evaluation rewrite it
-        print(
-            f"warning: {best_path} does not hold this search's best controller; the next evaluation rewrites it",
-            file=sys.stderr,
-        )
+    if best is None and search.best_generation:  # deleted, damaged or foreign: the next evaluation rewrites it
+        print(f"warning: {best_path} does not hold this search's best controller; it will be rewritten",
+              file=sys.stderr)  # fmt: skip
         search.best_eval, search.best_generation = -math.inf, 0
-    elif (
-        best is not None
-        and best["generation"] <= search.generation
-        and best["eval_return"] > search.best_eval
-    ):
+    elif best is not None and best["generation"] <= search.generation and best["eval_return"] > search.best_eval:
         search.best_eval, search.best_generation = best["eval_return"], best["generation"]
-    print(
-        f"resuming {last_path} after generation {search.generation} (sigma {search.sigma:.4g}, best eval return {search.best_eval:.1f})"
-    )
+    print(f"resuming {last_path} after generation {search.generation} "
+          f"(sigma {search.sigma:.4g}, best eval return {search.best_eval:.1f})")  # fmt: skip
     return search
 
 
@@ -271,222 +153,138 @@ def stop_reason(search: Search, args: argparse.Namespace) -> str | None:
     if search.generation >= args.generations:
         return f"--generations {args.generations} reached"
     if search.es.stop():
-        return (
-            "CMA-ES stop criterion met (" + ", ".join(f"{k}={v}" for k, v in search.es.stop().items()) + ")"
-        )
+        return "CMA-ES stop criterion met (" + ", ".join(f"{k}={v}" for k, v in search.es.stop().items()) + ")"
     return None
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # `kill` (SIGTERM) stops the run as cleanly as Ctrl-C does
+def score(scorer, candidates: list, seeds: list[int], desc: str, leave: bool = True) -> Scores:
+    """`scorer.evaluate` under a progress bar counting episodes."""
+    with tqdm(total=len(candidates) * len(seeds), unit="ep", desc=desc, dynamic_ncols=True, leave=leave) as bar:
+        return scorer.evaluate(candidates, seeds, bar.update)
 
 
-def main(argv: list[str] | None = None) -> None:
+def evaluate_mean(search: Search, real: RealEvaluator, dream: DreamEvaluator | None, args: argparse.Namespace,
+                  best_path: Path) -> tuple[dict, Scores]:  # fmt: skip
+    """The CMA-ES mean on fresh tracks of the real env, full episodes; best.pt if it is the best so far."""
+    seeds = eval_seeds(search.settings["seed"], search.generation, args.eval_episodes)
+    scores = score(real, [search.mean], seeds, f"evaluation {search.generation}", leave=False)
+    row = dict(eval_mean=float(scores.returns.mean()), eval_std=float(scores.returns.std()))
+    if dream is not None:  # the same seeds in the dream: how far dream and real returns agree
+        row["eval_dream_mean"] = float(dream.evaluate([search.mean], seeds).returns.mean())
+    improved = search.record_eval(row["eval_mean"])
+    if improved:
+        save_checkpoint(best_path, search.best_checkpoint(row["eval_std"], len(seeds)))
+    print(f"generation {search.generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
+          f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}", flush=True)  # fmt: skip
+    return row, scores
+
+
+def start_display(args: argparse.Namespace, search: Search) -> mp.Process | None:
+    """The --display window's process (best.pt driving on its own tracks), or None with one line why not."""
+    problem = display_problem()
+    if problem:
+        print(f"display: {problem}; training continues headless", flush=True)
+        return None
+    spec = DisplaySpec(args.logdir, args.max_steps, search.settings["seed"], search.settings["action_repeat"],
+                       fast=not args.slow_env)  # fmt: skip
+    display = mp.get_context("spawn").Process(target=watch_best, args=(spec,), daemon=True)
+    display.start()
+    return display
+
+
+def stop_display(display: mp.Process | None) -> None:
+    if display is not None and display.is_alive():
+        display.kill()  # nothing to save there; SIGTERM would reach SDL as a window-close event
+        display.join(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_backend(args.backend, args.ray_address)  # one line now, before anything is loaded or deleted
-    signal.signal(signal.SIGTERM, _interrupt)
-    # A process started with SIGINT ignored (a background job) inherits that; Ctrl-C must still stop the search.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     remove_orphaned_temps(ctrl_dir)  # what a kill inside a write left behind
-    _, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints; one line if missing
-    world_k = world_action_repeat(args.logdir)  # M models k-frame steps: C must act at that k
-    if args.action_repeat not in (None, world_k):
-        fail(
-            f"--action-repeat {args.action_repeat}, but M in {args.logdir}/mdrnn was trained on rollouts at k={world_k}; "
-            f"drop the flag, or make rollouts at k={args.action_repeat} and retrain V and M on them"
-        )
-    args.action_repeat = world_k
-    search = resume_or_start(args, config, last_path, best_path)
-    seed, k = (
-        search.settings["seed"],
-        search.settings["action_repeat"],
-    )  # the track seeds continue the saved sequence
-    stall = search.settings["stall_frames"] or None
-    if search.generation == 0:
-        save_checkpoint(last_path, search.state())  # from now on a valid last.pt exists
-
-    # -- scorers, display, log: dream mode scores candidates here and uses the pool only for evaluations
-    dream = (
-        DreamEvaluator(args.logdir, args.temperature, -(-args.max_steps // k)) if args.dream else None
-    )  # M steps of k frames
-    tasks = task_count(1, args.eval_episodes, args.envs_per_worker)  # an evaluation's map
-    if not dream:  # and a generation's
-        tasks = max(tasks, task_count(args.pop_size, args.n_samples, args.envs_per_worker))
-    workers = min(args.max_workers, tasks)  # no more workers than one map has tasks
-    reason, pool, display = stop_reason(search, args), None, None
-    if reason is not None:
-        print(f"nothing to do: {reason} (raise --generations to go on, or --noreload to start afresh)")
-    else:
-        where = f"in the dream (tau {args.temperature:g}), real-env evaluations on" if dream else "on"
-        print(
-            f"C: {count_params(search.controller())} parameters, population {search.es.popsize} x {args.n_samples} tracks "
-            f"{where} {workers} CPU workers, generations {search.generation + 1}..{args.generations}"
-        )
-    if args.display and reason is None:
-        problem = display_problem()
-        if problem:
-            print(f"display: {problem}; training continues headless", flush=True)
-        else:
-            display = mp.get_context("spawn").Process(
-                target=watch_best,
-                args=(args.logdir, args.max_steps, seed, not args.slow_env, None, k),
-                daemon=True,
-            )
-            display.start()
+    _, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints
+    search = resume_or_start(args, config, ctrl_dir)
+    settings = search.settings
     log = CSVLog(ctrl_dir / "log.csv", LOG_FIELDS, step_field="generation", keep_before=search.generation + 1)
-    if (
-        reason is not None and log.path.is_file()
-    ):  # a kill may have come between the last log row and its plot
-        plot_columns(
-            log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)"
-        )
-    started, env_steps, dream_steps = time.perf_counter(), 0, 0  # totals over this run, for the summary line
+    reason = stop_reason(search, args)
+    lost_best = reason is not None and search.generation > 0 and not search.best_generation
+    if reason is not None and not lost_best:
+        if log.path.is_file():  # a kill may have come between the last log row and its plot
+            plot_columns(log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)")
+        print(f"nothing to do: {reason} (raise --generations to go on, or --noreload to start afresh)")
+        return 0
 
-    def score(
-        candidates: list[np.ndarray], seeds: list[int], desc: str, in_dream: bool, stall: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        with tqdm(
-            total=len(candidates) * len(seeds),
-            unit="ep",
-            desc=desc,
-            dynamic_ncols=True,
-            leave=not desc.startswith("eval"),
-        ) as bar:
-            if in_dream:  # the whole population at once: one batched LSTM step per time step
-                result = dream.evaluate(candidates, seeds)
-                bar.update(len(candidates) * len(seeds))
-                return result
-            return evaluate_candidates(
-                pool, candidates, seeds, args.max_steps, bar.update, stall, args.envs_per_worker
-            )
-
-    def evaluate_mean(generation: int) -> tuple[dict[str, float], int]:
-        """Score the CMA-ES mean on fresh tracks, full episodes; best.pt if it is the best so far."""
-        seeds = eval_seeds(seed, generation, args.eval_episodes)
-        _, returns, steps = score([search.mean], seeds, f"evaluation {generation}", False)
-        row = dict(eval_mean=float(returns.mean()), eval_std=float(returns.std()))
-        if dream:  # the same tracks' seeds in the dream: how far dream and real returns agree
-            row["eval_dream_mean"] = float(dream.evaluate([search.mean], seeds)[0][0])
-        improved = search.record_eval(row["eval_mean"])
-        if improved:
-            save_checkpoint(
-                best_path,
-                {
-                    "state_dict": search.controller().state_dict(),
-                    "config": config,
-                    "generation": generation,
-                    "eval_return": search.best_eval,
-                    "eval_std": row["eval_std"],
-                    "eval_episodes": len(seeds),
-                    "search": search.settings,
-                    "action_repeat": k,
-                },
-            )
-        print(
-            f"generation {generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
-            f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}",
-            flush=True,
-        )
-        return row, int(steps.sum())
-
-    # -- generations: ask -> score -> tell -> evaluate -> save -> log --------------------------------
-    repair = (
-        reason is not None and search.generation > 0 and not search.best_generation
-    )  # a finished search lost best.pt
+    k, started, frames_before = settings["action_repeat"], time.perf_counter(), search.frames
+    dream = DreamEvaluator(args.logdir, settings["temperature"], -(-args.max_steps // k)) if settings["dream"] else None
+    maps = [(1, args.eval_episodes)] + ([] if dream else [(args.pop_size, args.n_samples)])  # what the pool plays
+    workers = min(args.workers, max(task_count(*m, args.envs_per_worker) for m in maps))  # no idle workers
+    spec = WorkerSpec(args.logdir, config, k, args.envs_per_worker, fast=not args.slow_env)
+    where = f"in M's dream (tau {settings['temperature']:g}), evaluated on" if dream else "on"
     try:
-        if reason is None or repair:  # workers load V, M and the env once, then run episodes until the end
-            pool = make_pool(
-                args.backend,
-                workers,
-                init_worker,
-                (args.logdir, not args.slow_env, config, k, args.envs_per_worker),
-                task_timeout=args.task_timeout * args.envs_per_worker,
-                log=lambda text: tqdm.write(text, file=sys.stderr),
-                ray_address=args.ray_address,
-            )
-        if repair:
-            print(f"re-evaluating the CMA-ES mean of generation {search.generation} to rewrite {best_path}")
-            search.frames += evaluate_mean(search.generation)[1]
-            save_checkpoint(last_path, search.state())
-        while reason is None:
-            t0, generation = time.perf_counter(), search.generation + 1
-            candidates = search.ask()  # pop_size arrays of (n_params,)
-            fitness, _, steps = score(
-                candidates,
-                train_seeds(seed, generation, args.n_samples),
-                f"generation {generation}/{args.generations}",
-                dream is not None,
-                stall,
-            )
-            search_time, search_steps = time.perf_counter() - t0, int(steps.sum())
-            search.tell(candidates, fitness)
-            row = dict(
-                generation=generation,
-                best_fitness=float(fitness.max()),
-                mean_fitness=float(fitness.mean()),
-                worst_fitness=float(fitness.min()),
-                sigma=search.sigma,
-            )
-
-            eval_steps, reason = 0, stop_reason(search, args)
-            if generation % args.eval_every == 0 or reason is not None:  # the CMA-ES mean on fresh tracks
-                evaluation, eval_steps = evaluate_mean(generation)
-                row |= evaluation
-                reason = stop_reason(search, args)
-
-            elapsed = time.perf_counter() - t0
-            env_steps += eval_steps + (0 if dream else search_steps)
-            dream_steps += search_steps if dream else 0
-            search.frames += eval_steps + (0 if dream else search_steps)
-            search.seconds += elapsed
-            save_checkpoint(last_path, search.state())
-            if dream:  # the search ran in the dream, the evaluation (if any) in the real env
-                row["dream_steps_per_s"] = search_steps / search_time
-                row["frames_per_s"] = eval_steps / (elapsed - search_time) if eval_steps else None
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(make_pool(args.backend, workers, init_worker, (spec,),
+                                                 task_timeout=args.task_timeout * args.envs_per_worker,
+                                                 log=lambda text: tqdm.write(text, file=sys.stderr),
+                                                 ray_address=args.ray_address))  # fmt: skip
+            real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # evaluations: full episodes
+            scorer = dream or RealEvaluator(pool, args.max_steps, args.envs_per_worker, settings["stall_frames"] or None)
+            if args.display:
+                stack.callback(stop_display, start_display(args, search))
+            if lost_best:  # a finished search whose best.pt was lost: re-evaluate its mean to rewrite it
+                print(f"re-evaluating the CMA-ES mean of generation {search.generation} to rewrite {best_path}")
+                search.account([evaluate_mean(search, real, dream, args, best_path)[1]], 0.0)
+                save_checkpoint(last_path, search.state())
             else:
-                row["frames_per_s"] = (search_steps + eval_steps) / elapsed
-            log.append(row | dict(time_s=elapsed, env_frames=search.frames, wall_min=search.seconds / 60))
-            plot_columns(
-                log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)"
-            )
+                print(f"C: {count_params(search.controller())} parameters, population {args.pop_size} x "
+                      f"{args.n_samples} tracks {where} {workers} CPU workers, "
+                      f"generations {search.generation + 1}..{args.generations}")  # fmt: skip
+            # -- the search: ask -> score -> tell -> evaluate -> save -> log
+            while reason is None:
+                t0, generation = time.perf_counter(), search.generation + 1
+                candidates = search.ask()  # pop_size flat parameter vectors
+                seeds = train_seeds(settings["seed"], generation, args.n_samples)
+                spent = [score(scorer, candidates, seeds, f"generation {generation}/{args.generations}")]
+                search.tell(candidates, spent[0].fitness)
+                row = dict(generation=generation, best_fitness=float(spent[0].fitness.max()),
+                           mean_fitness=float(spent[0].fitness.mean()), worst_fitness=float(spent[0].fitness.min()),
+                           sigma=search.sigma)  # fmt: skip
+                reason = stop_reason(search, args)
+                if generation % args.eval_every == 0 or reason is not None:
+                    evaluation, eval_scores = evaluate_mean(search, real, dream, args, best_path)
+                    row |= evaluation
+                    spent.append(eval_scores)
+                    reason = stop_reason(search, args)
+                search.account(spent, time.perf_counter() - t0)
+                save_checkpoint(last_path, search.state())
+                log.append(row | rates(spent) | dict(time_s=time.perf_counter() - t0, env_frames=search.frames,
+                                                     wall_min=search.seconds / 60))  # fmt: skip
+                plot_columns(log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)")
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted in generation {search.generation + 1}; {last_path} holds generation {search.generation}: "
-            f"rerun the same command to resume",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(130)
+        print(f"\ninterrupted in generation {search.generation + 1}; {last_path} holds generation "
+              f"{search.generation}: rerun the same command to resume", file=sys.stderr, flush=True)  # fmt: skip
+        return 130
     except WorkerError as error:
-        details = ctrl_dir / "worker_error.log"
-        with atomic_write(details, "w") as handle:
-            handle.write(str(error))
-        last_line = next(
-            (line for line in reversed(str(error).strip().splitlines()) if line.strip()), "unknown"
-        )
-        fail(f"a worker failed: {last_line.strip()} (full traceback in {details})")
-    finally:
-        if pool is not None:
-            pool.close()
-        if display is not None and display.is_alive():
-            display.kill()  # nothing to save there; SIGTERM would reach SDL as a window-close event
-            display.join(timeout=5)
+        raise worker_failure(error, ctrl_dir / "worker_error.log") from None
 
     minutes = (time.perf_counter() - started) / 60
-    best_text = (
-        f"best eval return {search.best_eval:.1f} (generation {search.best_generation}) in {best_path}"
-        if search.best_generation
-        else "no evaluation yet"
+    best = (f"best eval return {search.best_eval:.1f} (generation {search.best_generation}) in {best_path}"
+            if search.best_generation else "no evaluation yet")  # fmt: skip
+    print(f"C: stopped after generation {search.generation}: {reason}; {best}; {minutes:.1f} min, "
+          f"{search.frames - frames_before} real env frames ({search.frames} in all)")  # fmt: skip
+    return 0
+
+
+def rates(spent: list[Scores]) -> dict[str, float | None]:
+    """Real env frames per second of real-env play, and dream steps per second of dreaming."""
+    real = [s for s in spent if s.real_frames]
+    dreamt = [s for s in spent if s.dream_steps]
+    return dict(
+        frames_per_s=sum(s.real_frames for s in real) / sum(s.seconds for s in real) if real else None,
+        dream_steps_per_s=sum(s.dream_steps for s in dreamt) / sum(s.seconds for s in dreamt) if dreamt else None,
     )
-    rate = f", {env_steps / (minutes * 60):.0f} env frames/s" if env_steps and not dream else ""
-    rate += f", {dream_steps} dream steps" if dream_steps else ""
-    print(f"C: stopped after generation {search.generation}: {reason}; {best_text}; {minutes:.1f} min{rate}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C while loading, before any work: nothing to save
-        sys.exit(130)
+    run_script(main)

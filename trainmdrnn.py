@@ -1,6 +1,6 @@
 """Stage 3: train M, the MDN-RNN, on V's latents of the rollouts.
 
-    python trainmdrnn.py --logdir logs [--dataset datasets/carracing]
+    python trainmdrnn.py --logdir logs [--dataset datasets/carracing-k4] [--epochs 10]
 
 Every frame is encoded once by V's best checkpoint into a latent cache (`L/mdrnn/latents.npz`,
 rebuilt when V or the dataset changes); each batch then draws z = mu + sigma * eps from it, for
@@ -24,22 +24,23 @@ from data.latents import build_latent_cache, cache_path, load_latent_cache, read
 from data.loaders import SequenceDataset
 from envs.carracing import ACTION_SIZE
 from models.mdrnn import MDRNN, mdrnn_loss
+from utils import profile
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
 from utils.cli import (
     ArgumentParser,
     device_name,
     error_line,
-    fail,
     int_in,
     non_negative_float,
     non_negative_int,
-    one_line_warnings,
     positive_float,
     positive_int,
+    run_script,
     seed_int,
     stage_command,
     writable_dir,
 )
+from utils.errors import BadCheckpointError, BadRolloutError
 from utils.files import atomic_write
 from utils.logs import plt
 from utils.training import TrainingRun, fit, pick_device, seed_everything
@@ -55,15 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--logdir", type=writable_dir, required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/"
     )
     p.add_argument(
-        "--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)"
+        "--dataset", default=profile.DATASET, help="rollout folder (data/generation_script.py --rootdir)"
     )
     p.add_argument(
         "--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt"
     )
-    p.add_argument("--epochs", type=positive_int, default=30, help="epochs in all, counted across resumes")
+    p.add_argument(
+        "--epochs", type=positive_int, default=profile.MDRNN_EPOCHS, help="epochs in all, counted across resumes"
+    )
     p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="sequences per batch")
     p.add_argument(
-        "--seq-len", type=int_in(1, 10_000), default=32, help="steps per training sequence (truncated BPTT)"
+        "--seq-len", type=int_in(1, 10_000), default=profile.SEQ_LEN, help="steps per training sequence (truncated BPTT)"
     )
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--hidden-size", type=int_in(1, 8192), default=256, help="LSTM hidden size")
@@ -199,7 +202,6 @@ def plot_prediction(
 
 
 def main(argv: list[str] | None = None) -> int:
-    one_line_warnings()
     try:
         return train(parse_args(argv))
     except KeyboardInterrupt:  # checkpoints and the cache are written atomically: nothing is half-written
@@ -221,7 +223,7 @@ def train(args: argparse.Namespace) -> int:
     rollouts = load_latent_cache(args.logdir, vae_config.get("test_fraction", 0.1), vae_config.get("seed", 0))
     train_rollouts, test_rollouts = split_latents(rollouts)
     if not train_rollouts or not test_rollouts:
-        fail(
+        raise BadRolloutError(
             f"need at least 2 usable rollouts under {args.dataset} for a train/test split, found {len(rollouts)}; "
             f"make more with: {stage_command('data', dataset=args.dataset)}"
         )
@@ -229,10 +231,13 @@ def train(args: argparse.Namespace) -> int:
         try:
             previous = load_checkpoint(stage / LAST).get("vae_fingerprint")
         except Exception as error:  # damaged or foreign: one line, as the resume itself would say
-            fail(f"cannot resume from {stage / LAST} ({error_line(error)}); use --noreload to start afresh")
+            raise BadCheckpointError(
+                f"cannot resume from {stage / LAST} ({error_line(error)}); use --noreload to start afresh"
+            ) from None
         if previous is not None and previous != v_print:
-            fail(
-                f"{stage / LAST} was trained on the latents of another V ({Path(args.logdir) / 'vae' / 'best.pt'} changed since); use --noreload to start afresh"
+            raise BadCheckpointError(
+                f"{stage / LAST} was trained on the latents of another V ({Path(args.logdir) / 'vae' / 'best.pt'} "
+                "changed since); use --noreload to start afresh"
             )
 
     config = {
@@ -296,4 +301,4 @@ def train(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

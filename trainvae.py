@@ -1,6 +1,6 @@
 """Stage 2: train V, the convolutional VAE, on the frames of the rollouts.
 
-    python trainvae.py --logdir logs [--dataset datasets/carracing] [--epochs 20]
+    python trainvae.py --logdir logs [--dataset datasets/carracing-k4] [--epochs 1]
 
 Writes `L/vae/last.pt` (to resume), `L/vae/best.pt` (lowest test loss, read by M),
 `log.csv`, `curves.png`, and each epoch `images/recon_EEE.png` (fixed test frames, each row
@@ -21,23 +21,24 @@ import numpy as np
 import torch
 
 from data.loaders import DEFAULT_BUFFER_SIZE, FrameDataset
-from data.rollouts import NoRolloutsError, dataset_paths, load_rollout, split_rollouts
+from data.rollouts import dataset_paths, load_rollout, split_rollouts
 from models.vae import VAE, frames_to_tensor, vae_loss
+from utils import profile
 from utils.cli import (
     ArgumentParser,
     device_name,
-    fail,
     fraction,
     int_in,
     non_negative_float,
     non_negative_int,
-    one_line_warnings,
     positive_float,
     positive_int,
+    run_script,
     seed_int,
     stage_command,
     writable_dir,
 )
+from utils.errors import BadInputError, BadRolloutError
 from utils.logs import plt
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
@@ -52,12 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--logdir", type=writable_dir, required=True, help="run folder: writes L/vae/")
     p.add_argument(
-        "--dataset", default="datasets/carracing", help="rollout folder (data/generation_script.py --rootdir)"
+        "--dataset", default=profile.DATASET, help="rollout folder (data/generation_script.py --rootdir)"
     )
     p.add_argument(
         "--noreload", action="store_true", help="start afresh instead of resuming from L/vae/last.pt"
     )
-    p.add_argument("--epochs", type=positive_int, default=20, help="epochs in all, counted across resumes")
+    p.add_argument(
+        "--epochs", type=positive_int, default=profile.VAE_EPOCHS, help="epochs in all, counted across resumes"
+    )
     p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="frames per batch")
     p.add_argument(
         "--lr", type=positive_float, default=1e-3, help="Adam learning rate (halved by ReduceLROnPlateau)"
@@ -172,21 +175,18 @@ def save_epoch_images(model: VAE, frames: np.ndarray, noise: torch.Tensor, folde
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    one_line_warnings()
     started = time.perf_counter()
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 64x64 inputs: let cuDNN pick its fastest kernels
     seed_everything(args.seed)
 
-    try:
-        paths, lengths = dataset_paths(args.dataset)
-    except NoRolloutsError as error:
-        fail(str(error))
+    paths, lengths = dataset_paths(args.dataset)  # or one line naming the command that makes them
     train_paths, test_paths = split_rollouts(paths, args.test_fraction, args.seed)
     if not test_paths:
-        fail(
-            f"only {len(paths)} rollout under {args.dataset}; need 2 or more (some are held out for testing): {stage_command('data', dataset=args.dataset)}"
+        raise BadRolloutError(
+            f"only {len(paths)} rollout under {args.dataset}; need 2 or more (some are held out for testing): "
+            f"{stage_command('data', dataset=args.dataset)}"
         )
     train_data = FrameDataset(
         train_paths, args.batch_size, shuffle=True, buffer_size=args.buffer_size, seed=args.seed
@@ -241,13 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except torch.cuda.OutOfMemoryError:
-        fail(f"out of GPU memory at --batch-size {args.batch_size}; use a smaller one")
+        raise BadInputError(f"out of GPU memory at --batch-size {args.batch_size}; use a smaller one") from None
+    seconds = time.perf_counter() - started
     print(
-        f"done: best test loss {summary['best_loss']:.6g} after {summary['epoch']} epochs in {time.perf_counter() - started:.0f}s; "
+        f"done: best test loss {summary['best_loss']:.6g} after {summary['epoch']} epochs in {seconds:.0f}s; "
         f"checkpoints in {stage / 'best.pt'} and {stage / 'last.pt'}"
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

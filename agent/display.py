@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,20 +90,25 @@ def _pump_window(seconds: float) -> None:
         time.sleep(0.05)
 
 
-def watch_best(
-    logdir: str,
-    max_steps: int,
-    seed: int,
-    fast: bool = True,
-    episodes: int | None = None,
-    action_repeat: int = 1,
-) -> None:
+@dataclass(frozen=True)
+class DisplaySpec:
+    """What the trainer's --display process needs: where best.pt is, and how to play it."""
+
+    logdir: str
+    max_steps: int
+    seed: int  # picks the display's own tracks (agent.seeds.display_seed)
+    action_repeat: int
+    fast: bool = True
+    episodes: int | None = None  # stop after this many (tests); None: until the window closes
+
+
+def watch_best(spec: DisplaySpec) -> None:
     """Display process of traincontroller --display: drive the current best.pt in a window.
 
     Runs at nice 19 and at the window's 50 fps, so on a busy machine it takes only the CPU
     time the search's workers leave; it reloads best.pt (by modification time) between
-    episodes. Ends when the window is closed, cannot open (one line), after `episodes`
-    episodes if given (tests), or when the trainer kills it.
+    episodes. Ends when the window is closed, cannot open (one line), after `spec.episodes`
+    episodes if given, or when the trainer kills it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the trainer, which stops us
     if hasattr(os, "nice"):
@@ -111,17 +117,17 @@ def watch_best(
         except OSError:
             pass
     torch.set_num_threads(1)
-    vae, mdrnn, config = load_world(logdir)
+    vae, mdrnn, config = load_world(spec.logdir)
     agent = Agent(vae, mdrnn, Controller(**config))
-    env, problem = open_window_env(fast, seed, action_repeat)
+    env, problem = open_window_env(spec.fast, spec.seed, spec.action_repeat)
     if env is None:
         print(f"display: {problem}; training continues headless", file=sys.stderr, flush=True)
         return
     import pygame
 
-    best_path, seen, episode = Path(logdir) / "ctrl" / BEST, None, 0
+    best_path, seen, episode = Path(spec.logdir) / "ctrl" / BEST, None, 0
     try:
-        while episodes is None or episode < episodes:
+        while spec.episodes is None or episode < spec.episodes:
             if not best_path.exists():
                 pygame.display.set_caption("World Models: waiting for the first evaluated controller")
                 _pump_window(1.0)
@@ -139,7 +145,7 @@ def watch_best(
                 except Exception:  # caught mid-replace or a foreign file: try again shortly
                     _pump_window(1.0)
                     continue
-            run_episode(env, agent, display_seed(seed, episode), max_steps, on_step=check_window_open)
+            run_episode(env, agent, display_seed(spec.seed, episode), spec.max_steps, on_step=check_window_open)
             episode += 1
     except WindowClosed:
         print("display: window closed; training continues headless", file=sys.stderr, flush=True)

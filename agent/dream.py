@@ -13,13 +13,15 @@ generation dream the same worlds (common random numbers).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from agent.display import display_problem
+from agent.population import Scores
 from agent.world import load_dream_starts, load_mdrnn, load_vae
 from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, episode_noise
 from models.controller import batched_actions
@@ -147,32 +149,28 @@ def dream_returns(
 
 
 class DreamEvaluator:
-    """Scores CMA-ES candidates in the dream, with the real-env evaluator's contract.
+    """Scores CMA-ES candidates in M's dream: `agent.population.RealEvaluator`'s interface.
 
-    `evaluate(candidates, seeds)` -> (fitness (P,), returns (P, S), steps (P, S)) as numpy, like
-    `agent.population.evaluate_candidates`, so traincontroller.py swaps one for the other.
+    `evaluate(candidates, seeds)` -> Scores (their dream returns; no real env frame is played),
+    so the controller loop swaps one for the other.
     """
 
-    def __init__(
-        self,
-        logdir: str | Path,
-        temperature: float = 1.0,
-        max_steps: int = DEFAULT_MAX_STEPS,
-        device: str = "cpu",
-    ) -> None:
+    def __init__(self, logdir: str | Path, temperature: float = 1.0, max_steps: int = DEFAULT_MAX_STEPS,
+                 device: str = "cpu") -> None:  # fmt: skip
         self.mdrnn = load_mdrnn(logdir, device)
         self.starts = load_dream_starts(logdir)
         self.temperature, self.max_steps = temperature, max_steps
 
-    def evaluate(
-        self, candidates: Sequence[np.ndarray], seeds: Sequence[int]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate(self, candidates: Sequence[np.ndarray], seeds: Sequence[int],
+                 on_episodes: Callable[[int], None] | None = None) -> Scores:  # fmt: skip
+        started = time.perf_counter()
         params = torch.from_numpy(np.stack(candidates).astype(np.float32))  # (P, n_params)
-        returns, steps = dream_returns(
-            self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps
-        )
-        returns, steps = returns.double().numpy(), steps.numpy()
-        return returns.mean(axis=1), returns, steps
+        returns, steps = dream_returns(self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps)
+        if on_episodes is not None:
+            on_episodes(returns.numel())  # the whole population at once
+        seconds = time.perf_counter() - started
+        returns = returns.double().numpy()
+        return Scores(returns, np.zeros(returns.shape, np.int64), dream_steps=int(steps.sum()), seconds=seconds)
 
 
 def play(logdir: str, temperature: float, episodes: int) -> None:

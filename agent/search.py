@@ -17,6 +17,7 @@ import cma
 import numpy as np
 import torch
 
+from agent.population import Scores
 from models.controller import Controller
 from utils.params import get_flat_params, set_flat_params
 
@@ -49,28 +50,23 @@ def _new_strategy(
 class Search:
     """CMA-ES (maximising fitness) plus the run's bookkeeping: generation, best evaluation."""
 
-    def __init__(
-        self,
-        config: dict[str, int],
-        pop_size: int,
-        sigma0: float,
-        seed: int,
-        action_repeat: int = 1,
-        stall_frames: int = 0,
-    ) -> None:
+    def __init__(self, config: dict[str, int], pop_size: int, sigma0: float, seed: int, action_repeat: int = 1,
+                 stall_frames: int | None = None, dream: bool = False, temperature: float | None = None) -> None:  # fmt: skip
         self.config = dict(config)
-        self.settings = dict(
-            pop_size=int(pop_size),
-            sigma0=float(sigma0),
-            seed=int(seed),
-            action_repeat=int(action_repeat),
-            stall_frames=int(stall_frames),
-        )
+        # Everything that decides what the saved fitness values measured: a resume must match it.
+        self.settings = dict(pop_size=int(pop_size), sigma0=float(sigma0), seed=int(seed),
+                             action_repeat=int(action_repeat), stall_frames=stall_frames, dream=bool(dream),
+                             temperature=temperature)  # fmt: skip
         self.es = _new_strategy(self.config, pop_size, sigma0, seed)
         self.generation = 0
         self.frames, self.seconds = 0, 0.0  # real env frames played and wall time spent, over all runs
         self.fitness_history: list[np.ndarray] = []  # one (P,) array per generation told
         self.best_eval, self.best_generation = -math.inf, 0
+
+    def account(self, scores: list[Scores], seconds: float) -> None:
+        """Add what a generation cost: the real env frames its scores played, and its wall time."""
+        self.frames += sum(s.real_frames for s in scores)
+        self.seconds += seconds
 
     def ask(self) -> list[np.ndarray]:
         """The next generation's candidates: pop_size flat parameter vectors."""
@@ -102,6 +98,12 @@ class Search:
             self.best_eval, self.best_generation = float(mean_return), self.generation
             return True
         return False
+
+    def best_checkpoint(self, eval_std: float, eval_episodes: int) -> dict[str, Any]:
+        """best.pt: C at the CMA-ES mean, just evaluated as the best so far (loads into Controller(**config))."""
+        return {"state_dict": self.controller().state_dict(), "config": self.config, "generation": self.generation,
+                "eval_return": self.best_eval, "eval_std": eval_std, "eval_episodes": eval_episodes,
+                "search": self.settings, "action_repeat": self.settings["action_repeat"]}  # fmt: skip
 
     def state(self) -> dict[str, Any]:
         """The checkpoint: numbers and tensors only (torch.load(weights_only=True) loads it)."""

@@ -19,7 +19,8 @@ from models.controller import Controller
 from models.mdrnn import MDRNN, MDRNNCell
 from models.vae import VAE
 from utils.checkpoint import BEST, load_model, require_checkpoint, stage_dir
-from utils.cli import fail, stage_command
+from utils.cli import stage_command
+from utils.errors import BadCheckpointError
 
 
 def load_vae(logdir: str | os.PathLike, device: str | torch.device = "cpu") -> VAE:
@@ -42,11 +43,12 @@ def load_world(
     mdrnn = load_mdrnn(logdir, device, one_step=True)
     retrain_m = f"`{stage_command('mdrnn', logdir)} --noreload`"
     if mdrnn.latent_size != vae.latent_size:
-        fail(
-            f"M was trained on latents of size {mdrnn.latent_size} but V now has {vae.latent_size}; retrain M on this V: {retrain_m}"
+        raise BadCheckpointError(
+            f"M was trained on latents of size {mdrnn.latent_size} but V now has {vae.latent_size}; "
+            f"retrain M on this V: {retrain_m}"
         )
     if mdrnn.action_size != ACTION_SIZE:
-        fail(
+        raise BadCheckpointError(
             f"M was trained with {mdrnn.action_size} actions but CarRacing has {ACTION_SIZE}; retrain it: {retrain_m}"
         )
     config = dict(latent_size=vae.latent_size, hidden_size=mdrnn.hidden_size, action_size=mdrnn.action_size)
@@ -68,7 +70,7 @@ def load_best_controller(
     retrain = f"`{stage_command('ctrl', logdir)} --noreload`"
     if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in config.items()):
         sizes = lambda c: f"latent {c.get('latent_size')}, hidden {c.get('hidden_size')}"  # noqa: E731
-        fail(
+        raise BadCheckpointError(
             f"{path} is a controller for {sizes(saved if isinstance(saved, dict) else {})} but V and M now have "
             f"{sizes(config)}; retrain it: {retrain}"
         )
@@ -76,7 +78,9 @@ def load_best_controller(
     try:
         controller.load_state_dict(state["state_dict"])
     except Exception as error:
-        fail(f"{path} does not hold controller weights ({type(error).__name__}); retrain it: {retrain}")
+        raise BadCheckpointError(
+            f"{path} does not hold controller weights ({type(error).__name__}); retrain it: {retrain}"
+        ) from None
     return controller.eval(), state
 
 

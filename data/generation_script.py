@@ -1,15 +1,12 @@
-"""Stage 1: generate random-policy CarRacing rollouts with K worker processes.
+"""Stage 1: random-policy CarRacing rollouts, made by worker processes -> datasets/carracing-k4/.
 
-    python data/generation_script.py --rollouts 1000 --rootdir datasets/carracing --threads 2
+    python data/generation_script.py [--rollouts 640 --rootdir datasets/carracing-k4 --workers 2]
 
 Rollout I goes to `rootdir/thread_{I mod K}/rollout_I.npz` and depends only on (seed, I), so
-the dataset is the same whatever K. Re-running after a kill skips the rollouts already on
-disk (files appear atomically, so any file present is complete). No display is needed.
-
-With --backend ray the K workers are Ray actors (--ray-address or $RAY_ADDRESS, else a local
-Ray). Each worker writes its rollouts into --rootdir itself, so on a multi-node cluster
---rootdir must be on a filesystem every node shares; a rollout this machine cannot see stops
-the run with one line instead of leaving the dataset silently short.
+the dataset is the same whatever the number of workers K. A rerun makes only what is missing:
+files appear atomically, and a damaged file (cut short by a full disk or an interrupted copy)
+is found by a cheap check and made again. With --backend ray the workers are Ray actors that
+write into --rootdir themselves, so on several nodes it must be a filesystem they share.
 """
 
 from __future__ import annotations
@@ -17,141 +14,133 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from data.carracing import POLICIES, generate_rollout  # noqa: E402
+from data.carracing import POLICIES, generate_rollout
 from data.rollouts import (
+    check_rollout,
     dataset_action_repeat,
     find_rollouts,
     remove_partial_files,
     rollout_path,
     save_rollout,
-)  # noqa: E402
-from envs.carracing import MAX_EPISODE_STEPS, make_env  # noqa: E402
-from pool import WorkerError, add_backend_args, check_backend, make_pool  # noqa: E402
-from utils.cli import ArgumentParser, fail, int_in, seed_int, writable_dir  # noqa: E402
+)
+from envs.carracing import MAX_EPISODE_STEPS, make_env
+from pool import WorkerError, add_pool_args, check_backend, make_pool, worker_failure
+from utils import profile
+from utils.cli import ArgumentParser, int_in, run_script, seed_int, writable_dir
+from utils.errors import BadRolloutError, StageError
 
 _env = None  # one env per worker process, built once by `init_worker`
 
 
-def init_worker(fast: bool, action_repeat: int = 1) -> None:
+@dataclass(frozen=True)
+class RolloutTask:
+    """One rollout to play and save, as sent to a worker."""
+
+    index: int
+    path: str  # where the worker writes it
+    seed: int
+    policy: str
+    max_steps: int
+
+
+def init_worker(fast: bool, action_repeat: int) -> None:
     global _env
     _env = make_env(fast=fast, action_repeat=action_repeat)
 
 
-def run_rollout(index: int, thread: int, rootdir: str, seed: int, policy: str, max_steps: int) -> int:
-    """Worker task: play rollout `index`, save it, return its number of frames."""
-    arrays = generate_rollout(_env, index, seed, policy, max_steps)
-    save_rollout(rollout_path(rootdir, index, thread), arrays)
+def run_rollout(task: RolloutTask) -> int:
+    """Worker task: play rollout `task.index`, save it, return its number of rows."""
+    arrays = generate_rollout(_env, task.index, task.seed, task.policy, task.max_steps)
+    save_rollout(task.path, arrays)
     return len(arrays["actions"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--rollouts",
-        type=int_in(1, 10_000_000),
-        required=True,
-        help="total number of rollouts to have on disk",
-    )
-    parser.add_argument(
-        "--rootdir",
-        type=writable_dir,
-        default="datasets/carracing",
-        help="output folder (default: datasets/carracing)",
-    )
-    parser.add_argument("--threads", type=int_in(1, 100_000), default=2, help="worker processes (default: 2)")
-    parser.add_argument("--policy", choices=POLICIES, default="brown", help="random policy (default: brown)")
-    parser.add_argument(
-        "--seed", type=seed_int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)"
-    )
-    parser.add_argument(
-        "--max-steps",
-        type=int_in(1, MAX_EPISODE_STEPS),
-        default=MAX_EPISODE_STEPS,
-        help=f"env frames per rollout at most (default and most: the env's {MAX_EPISODE_STEPS})",
-    )
-    parser.add_argument(
-        "--action-repeat",
-        type=int_in(1, 50),
-        default=1,
-        help="hold each action this many frames, one row per k frames (default 1, the paper); one k per --rootdir",
-    )
-    parser.add_argument(
-        "--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer"
-    )
-    add_backend_args(parser)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--rollouts", type=int_in(1, 10_000_000), default=profile.ROLLOUTS,
+        help=f"rollouts to have on disk in all (default {profile.ROLLOUTS})")
+    add("--rootdir", type=writable_dir, default=None,
+        help=f"output folder (default: {profile.dataset_folder('K')}, K the action repeat)")
+    add("--policy", choices=POLICIES, default="brown", help="random policy (default: brown)")
+    add("--seed", type=seed_int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)")
+    add("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS,
+        help=f"env frames per rollout at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    add("--action-repeat", type=int_in(1, 50), default=profile.ACTION_REPEAT,
+        help=f"hold each action k frames, one row per k frames (default {profile.ACTION_REPEAT}; 1 is the paper)")
+    add("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
+    add_pool_args(parser, workers_alias="--threads")
     args = parser.parse_args(argv)
-    check_backend(args.backend, args.ray_address)
+    args.rootdir = args.rootdir or profile.dataset_folder(args.action_repeat)
+    return args  # fmt: skip
 
+
+def rollouts_to_make(rootdir: Path, wanted: int, action_repeat: int) -> list[int]:
+    """Indices below `wanted` with no readable rollout file in `rootdir`; damaged files are deleted."""
+    remove_partial_files(rootdir)  # hidden temporaries left by a killed run; never read by loaders
+    readable = {}
+    for index, path in find_rollouts(rootdir):
+        try:
+            check_rollout(path)
+            readable[index] = path
+        except BadRolloutError as error:
+            print(f"warning: {error}; making it again", file=sys.stderr)
+            path.unlink()
+    k_found = dataset_action_repeat(list(readable.values()), rootdir) if readable else action_repeat
+    if k_found != action_repeat:
+        raise BadRolloutError(f"{rootdir} holds rollouts at --action-repeat {k_found}, not {action_repeat}: "
+                              f"use another --rootdir for k={action_repeat}")  # fmt: skip
+    return [i for i in range(wanted) if i not in readable]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_backend(args.backend, args.ray_address)
     rootdir = Path(args.rootdir)
     rootdir.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(rootdir)  # hidden temporaries left by a killed run; never read by loaders
-    found = find_rollouts(rootdir)  # complete files, in any thread folder
-    done = {index for index, _ in found}
-    try:
-        k_found = dataset_action_repeat([path for _, path in found], rootdir) if found else args.action_repeat
-    except ValueError as error:
-        fail(str(error))
-    if k_found != args.action_repeat:
-        fail(
-            f"{rootdir} holds rollouts at --action-repeat {k_found}, not {args.action_repeat}: use another --rootdir for k={args.action_repeat}"
-        )
-    todo = [i for i in range(args.rollouts) if i not in done]
+    todo = rollouts_to_make(rootdir, args.rollouts, args.action_repeat)
     if not todo:
         print(f"all {args.rollouts} rollouts already in {rootdir}; nothing to do")
         return 0
-
-    tasks = [
-        (i, i % args.threads, str(rootdir.resolve()), args.seed, args.policy, args.max_steps) for i in todo
-    ]
+    root = rootdir.resolve()
+    tasks = [RolloutTask(i, str(rollout_path(root, i, i % args.workers)), args.seed, args.policy, args.max_steps)
+             for i in todo]  # fmt: skip
+    workers = min(args.workers, len(tasks))
     start, frames = time.perf_counter(), 0
-    bar = tqdm(total=len(tasks), unit="rollout", desc="rollouts", initial=0, dynamic_ncols=True)
+    bar = tqdm(total=len(tasks), unit="rollout", desc="rollouts", dynamic_ncols=True)
 
-    def on_result(position: int, n_frames: int) -> None:
+    def on_result(position: int, rows: int) -> None:
         nonlocal frames
-        index, thread = tasks[position][:2]
-        if not rollout_path(rootdir, index, thread).is_file():  # written by a Ray worker on another machine
-            raise WorkerError(
-                f"rollout {index} was written on another machine and is not in {rootdir} here: "
-                f"with --backend ray on several nodes, --rootdir must be on a filesystem they share"
-            )
-        frames += n_frames
+        if not Path(tasks[position].path).is_file():  # written by a Ray worker on another machine
+            raise StageError(f"rollout {tasks[position].index} was written on another machine and is not in "
+                             f"{rootdir} here: with --backend ray on several nodes, --rootdir must be shared")  # fmt: skip
+        frames += rows * args.action_repeat
         bar.update(1)
         bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
 
     try:
-        with make_pool(
-            args.backend,
-            min(args.threads, len(tasks)),
-            init_worker,
-            (not args.slow_env, args.action_repeat),
-            ray_address=args.ray_address,
-        ) as pool:
-            pool.map(run_rollout, tasks, on_result=on_result)
+        with make_pool(args.backend, workers, init_worker, (not args.slow_env, args.action_repeat),
+                       ray_address=args.ray_address) as pool:  # fmt: skip
+            pool.map(run_rollout, [(task,) for task in tasks], on_result=on_result)
     except WorkerError as error:
-        bar.close()
-        print(f"error: rollout generation failed: {error}", file=sys.stderr)
-        return 1
+        raise worker_failure(error, rootdir / "worker_error.log") from None
     except KeyboardInterrupt:
-        bar.close()
-        print("interrupted: complete rollouts are kept; rerun the same command to finish", file=sys.stderr)
+        print("\ninterrupted: complete rollouts are kept; rerun the same command to finish", file=sys.stderr)
         return 130
-    bar.close()
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - start
-    print(
-        f"generated {len(tasks)} rollouts ({frames} frames) in {elapsed:.1f}s: "
-        f"{len(tasks) / elapsed:.2f} rollouts/s, {frames / elapsed:.0f} frames/s, "
-        f"{args.rollouts} in {rootdir} with {args.threads} worker(s), action repeat {args.action_repeat}"
-    )
+    print(f"generated {len(tasks)} rollouts ({frames} env frames) in {elapsed:.1f}s: {frames / elapsed:.0f} "
+          f"env frames/s with {workers} worker(s); {args.rollouts} rollouts at k={args.action_repeat} in {rootdir}")  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

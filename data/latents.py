@@ -38,10 +38,11 @@ import torch
 from tqdm import tqdm
 
 from data.loaders import RolloutBuffer
-from data.rollouts import NoRolloutsError, dataset_action_repeat, dataset_paths, split_rollouts
+from data.rollouts import dataset_action_repeat, dataset_paths, split_rollouts
 from models.vae import VAE
 from utils.checkpoint import BEST, load_model, stage_dir
-from utils.cli import fail, stage_command
+from utils.cli import stage_command
+from utils.errors import BadRolloutError
 from utils.files import atomic_write
 
 CACHE_NAME = "latents.npz"
@@ -106,11 +107,8 @@ def build_latent_cache(
     v_print = vae_fingerprint(logdir) if (stage_dir(logdir, "vae") / BEST).is_file() else None
     vae, state = load_model(VAE, logdir, "vae", device)  # or one line naming trainvae.py
     v_print = v_print or vae_fingerprint(logdir)
-    try:
-        paths, lengths_found = dataset_paths(dataset)
-        action_repeat = dataset_action_repeat(paths, dataset)  # one k per dataset: M models k-frame steps
-    except (NoRolloutsError, ValueError) as error:  # one line naming the command that makes them, or the mix
-        fail(str(error))
+    paths, lengths_found = dataset_paths(dataset)  # or one line naming the command that makes them
+    action_repeat = dataset_action_repeat(paths, dataset)  # one k per dataset: M models k-frame steps
     d_print = dataset_fingerprint(dataset, paths)
     meta = read_meta(path)
     if (
@@ -161,8 +159,9 @@ def build_latent_cache(
                 frames += len(obs)
                 bar.update(len(obs))
     if not lengths:
-        fail(
-            f"no usable rollout under {dataset} (every file was skipped); regenerate them with: {stage_command('data', dataset=dataset)}"
+        raise BadRolloutError(
+            f"no usable rollout under {dataset} (every file was skipped); "
+            f"regenerate them with: {stage_command('data', dataset=dataset)}"
         )
 
     arrays = {key: np.concatenate(parts) for key, parts in columns.items()}
@@ -208,9 +207,10 @@ def load_latent_cache(logdir: str | os.PathLike, test_fraction: float = 0.1, see
         with np.load(path, allow_pickle=False) as archive:
             data = {key: archive[key] for key in (*STEP_KEYS, "lengths", "files", "all_files")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        fail(
-            f"cannot read the latent cache {path} ({type(error).__name__}); run `{stage_command('mdrnn', logdir)}` to build it"
-        )
+        raise BadRolloutError(
+            f"cannot read the latent cache {path} ({type(error).__name__}); "
+            f"run `{stage_command('mdrnn', logdir)}` to build it"
+        ) from None
     _, test_files = split_rollouts([Path(f) for f in data["all_files"]], test_fraction, seed)
     test_set = {p.as_posix() for p in test_files}
     bounds = np.cumsum(data["lengths"])[:-1]

@@ -36,6 +36,7 @@ import numpy as np
 
 from envs.carracing import ACTION_SIZE, MODEL_SIZE
 from utils.cli import stage_command
+from utils.errors import BadRolloutError, MissingInputError
 from utils.files import atomic_write, is_temp_file
 
 ROLLOUT_KEYS = ("observations", "actions", "rewards", "terminals")
@@ -54,8 +55,8 @@ _NAME = re.compile(r"rollout_(\d+)\.npz")
 BAD_FILE_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-class NoRolloutsError(RuntimeError):
-    """No usable rollout under the dataset root."""
+class NoRolloutsError(MissingInputError):
+    """No usable rollout under the dataset root; the message names the command that makes them."""
 
 
 # -- naming ---------------------------------------------------------------------------------
@@ -143,44 +144,43 @@ def load_rollout(path: str | os.PathLike, keys: Sequence[str] = ROLLOUT_KEYS) ->
     return arrays
 
 
-def rollout_length(path: str | os.PathLike) -> int | None:
-    """Cheap validity check: the number of steps of a rollout file, or None if unusable.
+def check_rollout(path: str | os.PathLike) -> int:
+    """Cheap validity check: the number of steps of a rollout file; BadRolloutError if it is unusable.
 
-    Opens the zip (a truncated file has no central directory and fails here), checks every
+    Opens the zip (a file cut short has no central directory and fails here), checks every
     key is present, and reads only the small arrays and the observations' .npy header, so
-    scanning thousands of rollouts costs milliseconds each. Warns once naming a bad file.
+    scanning thousands of rollouts costs milliseconds each.
     """
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            missing = [k for k in ROLLOUT_KEYS if f"{k}.npy" not in names]
+            missing = [k for k in ROLLOUT_KEYS if f"{k}.npy" not in set(archive.namelist())]
             if missing:
                 raise ValueError(f"missing keys {missing}")
             with archive.open("observations.npy") as member:
                 version = np.lib.format.read_magic(member)
-                read_header = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read_header(member)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = header(member)
             with archive.open("rewards.npy") as member:
                 rewards = np.lib.format.read_array(member)
     except BAD_FILE_ERRORS as error:
-        warnings.warn(f"skipping unreadable rollout {path}: {type(error).__name__}: {error}", stacklevel=2)
-        return None
+        raise BadRolloutError(f"unreadable rollout {path}: {type(error).__name__}: {error}") from None
     expected = (len(rewards), MODEL_SIZE, MODEL_SIZE, 3)
     if tuple(shape) != expected or dtype != np.uint8 or len(rewards) == 0:
-        warnings.warn(
-            f"skipping rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8",
-            stacklevel=2,
-        )
-        return None
+        raise BadRolloutError(f"rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8")
     return len(rewards)
 
 
+def rollout_length(path: str | os.PathLike) -> int | None:
+    """`check_rollout`'s length, or None with one warning naming the file (readers skip it)."""
+    try:
+        return check_rollout(path)
+    except BadRolloutError as error:
+        warnings.warn(f"skipping {error}", stacklevel=2)
+        return None
+
+
 def rollout_action_repeat(path: str | os.PathLike) -> int:
-    """k of a rollout file: env frames per row (1 if the file does not say); ValueError if unreadable."""
+    """k of a rollout file: env frames per row (1 if the file does not say); BadRolloutError if unreadable."""
     try:
         with zipfile.ZipFile(path) as archive:
             if "action_repeat.npy" not in archive.namelist():
@@ -191,21 +191,21 @@ def rollout_action_repeat(path: str | os.PathLike) -> int:
             raise ValueError(f"action_repeat {k!r}")
         return int(k)
     except BAD_FILE_ERRORS as error:
-        raise ValueError(f"cannot read action_repeat of {path}: {type(error).__name__}: {error}") from None
+        raise BadRolloutError(f"cannot read action_repeat of {path}: {type(error).__name__}: {error}") from None
 
 
 def dataset_action_repeat(paths: Sequence[str | os.PathLike], root: str | os.PathLike) -> int:
     """The one k of `paths` (unreadable files skipped with a warning: no loader uses them);
-    ValueError (one line naming a file of each k) if they mix several."""
+    BadRolloutError (one line naming a file of each k) if they mix several."""
     found: dict[int, Path] = {}
     for path in paths:
         try:
             found.setdefault(rollout_action_repeat(path), Path(path))
-        except ValueError as error:
+        except BadRolloutError as error:
             warnings.warn(f"skipping rollout: {error}", stacklevel=2)
     if len(found) > 1:
         which = ", ".join(f"k={k} ({p})" for k, p in sorted(found.items()))
-        raise ValueError(
+        raise BadRolloutError(
             f"{root} mixes rollouts of different action repeats: {which}; keep one k per dataset folder"
         )
     return next(iter(found), 1)

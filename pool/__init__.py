@@ -17,33 +17,42 @@ only then: Ray is optional).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from pool.base import BasePool, WorkerError
 from pool.local import WorkerPool
-from utils.cli import fail
+from utils import profile
+from utils.cli import int_in
+from utils.errors import BadInputError, StageError
+from utils.files import atomic_write
 
-__all__ = ["BACKENDS", "WorkerError", "add_backend_args", "check_backend", "make_pool"]
+__all__ = ["BACKENDS", "WorkerError", "add_pool_args", "check_backend", "make_pool", "worker_failure"]
 
 BACKENDS = ("local", "ray")
 RAY_INSTALL = "pip install -r requirements-ray.txt"
 
 
-def add_backend_args(parser) -> None:
-    """--backend and --ray-address, worded alike in every script that runs a pool."""
-    parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="local",
-        help="local: worker processes on this machine (default); ray: Ray actors, on a cluster "
-        f"or a local Ray (needs `{RAY_INSTALL}`)",
-    )
-    parser.add_argument(
-        "--ray-address",
-        metavar="HOST:PORT",
-        default=None,
-        help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else a local Ray "
-        "started for this run)",
-    )
+def add_pool_args(parser, workers_alias: str | None = None) -> None:
+    """--workers (with ctallec/world-models' name for it as an alias), --backend and --ray-address,
+    worded alike in every script that runs a pool."""
+    names = ["--workers", *([workers_alias] if workers_alias else [])]
+    also = f"; {workers_alias} is the same flag" if workers_alias else ""
+    parser.add_argument(*names, dest="workers", type=int_in(1, 100_000), default=profile.WORKERS,
+                        help=f"worker processes (default: all CPU cores, {profile.WORKERS} here){also}")  # fmt: skip
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help="local: worker processes on this machine (default); ray: Ray actors, on a cluster "
+                        f"or a local Ray (needs `{RAY_INSTALL}`)")  # fmt: skip
+    parser.add_argument("--ray-address", metavar="HOST:PORT", default=None,
+                        help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else a local Ray "
+                        "started for this run)")  # fmt: skip
+
+
+def worker_failure(error: WorkerError, details_path: Path) -> StageError:
+    """The one line a script stops with when its pool failed; the whole traceback goes to `details_path`."""
+    last = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "unknown")
+    with atomic_write(details_path, "w") as handle:
+        handle.write(str(error))
+    return StageError(f"a worker failed: {last} (full traceback in {details_path})")
 
 
 def check_backend(backend: str, ray_address: str | None = None) -> None:
@@ -53,17 +62,17 @@ def check_backend(backend: str, ray_address: str | None = None) -> None:
     reported before anything is loaded, deleted or written.
     """
     if backend not in BACKENDS:
-        fail(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise BadInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "local":
         if ray_address:
-            fail("--ray-address needs --backend ray")
+            raise BadInputError("--ray-address needs --backend ray")
         return
     try:
         from pool import ray_backend  # optional dependency: only when asked for
     except ImportError as error:
-        fail(
+        raise BadInputError(
             f"--backend ray needs Ray, which this Python cannot import ({error}); install it with: {RAY_INSTALL}"
-        )
+        ) from None
     ray_backend.check_address(ray_address)
 
 

@@ -53,7 +53,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from pool.base import BasePool, Event, Slot, WorkerError
-from utils.cli import fail
+from utils.errors import BadInputError, StageError
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout; actors import the project from here
 # Ray rewrites a loopback address (127.0.0.1, localhost) to this machine's routable IP, and then
@@ -112,7 +112,7 @@ def check_address(address: str | None) -> None:
         return
     problem = _reachable(*target, timeout=5.0)
     if problem is not None:
-        fail(
+        raise BadInputError(
             f"cannot reach a Ray cluster at {address} ({problem}); start one with "
             f"`ray start --head --port {target[1]}` or fix --ray-address / RAY_ADDRESS"
         )
@@ -156,13 +156,13 @@ def connect(address: str | None, cpus: int) -> bool:
         where = f"join the Ray cluster at {address}" if address else "start a local Ray"
         details = "".join(traceback.format_exception(error))
         if "InvalidAuthToken" in details or "AuthenticationError" in details:
-            fail(
+            raise BadInputError(
                 f"cannot {where}: its token authentication refused this process; set RAY_AUTH_MODE=token "
                 f"and give it the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH), or RAY_AUTH_MODE "
                 f"to the cluster's own setting"
             )
         first = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
-        fail(f"cannot {where} ({type(error).__name__}: {first})")
+        raise StageError(f"cannot {where} ({type(error).__name__}: {first})") from None
     finally:
         if main_thread and previous is not None:  # None: a handler not set from Python; leave Ray's
             signal.signal(signal.SIGTERM, previous)
@@ -266,7 +266,7 @@ class _Worker:
                 _resolve(initializer)(*_writable(initargs))
             if "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(1)
-        except BaseException:  # SystemExit from a one-line `fail` too
+        except BaseException:  # a StageError or a SystemExit too
             self.error = traceback.format_exc()
 
     def ready(self) -> tuple[int, str, str | None]:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from utils.cli import error_line, fail, stage_command
+from utils.cli import error_line, stage_command
+from utils.errors import BadCheckpointError, MissingInputError
 from utils.files import atomic_write
 
 LAST, BEST = "last.pt", "best.pt"
@@ -46,30 +47,27 @@ def require_checkpoint(
     path = stage_dir(logdir, stage) / which
     command = stage_command(stage, logdir)
     if not path.is_file():
-        fail(f"{path} not found; run `{command}` first")
+        raise MissingInputError(f"{path} not found; run `{command}` first")
     try:
         state = load_checkpoint(path, map_location)
     except Exception as error:  # corrupt or foreign file: one line, not a traceback
-        fail(f"cannot read {path} ({error_line(error)}); rerun `{command} --noreload`")
+        raise BadCheckpointError(f"cannot read {path} ({error_line(error)}); rerun `{command} --noreload`")
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
-        fail(f"{path} is not a {stage} checkpoint (no {', '.join(missing)}); rerun `{command} --noreload`")
+        raise BadCheckpointError(f"{path} is not a {stage} checkpoint (no {', '.join(missing)}); rerun `{command} --noreload`")
     return state
 
 
 def check_config(
     saved: dict[str, Any], wanted: dict[str, Any], path: str | os.PathLike, keys: list[str] | None = None
 ) -> None:
-    """Stop with one line if a checkpoint was made with other sizes than asked for now."""
+    """Raise BadCheckpointError (one line naming the flags) if `path` was made with other settings."""
     keys = keys if keys is not None else list(wanted)
-    diffs = [
-        f"{k}={saved.get(k)!r} (asked {wanted[k]!r})"
-        for k in keys
-        if k in wanted and saved.get(k) != wanted[k]
-    ]
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {wanted[k]!r})" for k in keys
+             if k in wanted and saved.get(k) != wanted[k]]  # fmt: skip
     if diffs:
-        fail(
-            f"{path} was made with {', '.join(diffs)}; use --noreload to start afresh, or the same flags to resume"
+        raise BadCheckpointError(
+            f"{path} was made with {', '.join(diffs)}; resume with the same flags, or --noreload to start afresh"
         )
 
 
@@ -89,7 +87,8 @@ def load_model(
         model.load_state_dict(state["state_dict"])
     except Exception as error:
         path = stage_dir(logdir, stage) / which
-        fail(
-            f"{path} does not hold a {cls.__name__} ({type(error).__name__}); rerun `{stage_command(stage, logdir)} --noreload`"
-        )
+        raise BadCheckpointError(
+            f"{path} does not hold a {cls.__name__} ({type(error).__name__}); "
+            f"rerun `{stage_command(stage, logdir)} --noreload`"
+        ) from None
     return model.eval(), state

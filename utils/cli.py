@@ -1,9 +1,10 @@
-"""Command-line helpers every script shares: argparse value types, the one-line exit, hints.
+"""Command-line helpers every script shares: argparse value types, the script's edge, hints.
 
 A bad value is argparse's own error ("argument --rollouts: must be >= 1, got 0"), exit
-status 2, never a traceback from deep inside a stage. A stage that cannot go on stops with
-`fail(...)`: one line on stderr, exit status 1. `stage_command` spells the command that makes
-a stage's output, for every "run this first" hint.
+status 2. Library code raises the errors of utils/errors.py; `run_script` is every script's
+edge: it prints such an error as one line and exits with its status (2 bad input, 1 failed),
+and turns SIGTERM into the same clean stop as Ctrl-C (status 130). `stage_command` spells the
+command that makes a stage's output, for every "run this first" hint.
 """
 
 from __future__ import annotations
@@ -11,36 +12,30 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
+
+from utils import profile
+from utils.errors import StageError
 
 MAX_COUNT = 10**9  # a bound on counts and sizes: larger values are typos (and would overflow or hang)
 
 # The command that makes each stage's output, for "missing input" messages.
 STAGE_COMMANDS = {
-    "data": "python data/generation_script.py --rollouts 1000 --rootdir {dataset}",
+    "data": "python data/generation_script.py --rootdir {dataset}",
     "vae": "python trainvae.py --logdir {logdir}",
     "mdrnn": "python trainmdrnn.py --logdir {logdir}",
     "ctrl": "python traincontroller.py --logdir {logdir}",
 }
 
 
-def stage_command(stage: str, logdir: object = "L", dataset: object = "datasets/carracing") -> str:
+def stage_command(stage: str, logdir: object = "L", dataset: object = profile.DATASET) -> str:
     """The command that (re)makes `stage`'s output, e.g. `python trainvae.py --logdir L`."""
     return STAGE_COMMANDS.get(stage, "the previous stage").format(logdir=logdir, dataset=dataset)
-
-
-class StageInputError(SystemExit):
-    """A stage cannot start or go on: its message is one line for the user (exit status 1)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(1)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def error_line(error: BaseException) -> str:
@@ -49,10 +44,29 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
-def fail(message: str) -> NoReturn:
-    """Stop the script with one line on stderr and exit status 1, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise StageInputError(message)
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill` (SIGTERM) stops a stage as cleanly as Ctrl-C does
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """Every script's edge: run `main`, print a StageError as one line, exit with its status.
+
+    SIGTERM and Ctrl-C raise KeyboardInterrupt (also in a process started with SIGINT
+    ignored, as background jobs are); a script catches it where it can say what was kept, and
+    one that escapes is exit status 130 without a traceback.
+    """
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    one_line_warnings()
+    try:
+        status = main()
+    except StageError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        status = error.exit_status
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        status = 130
+    sys.exit(status or 0)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -43,7 +43,8 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
-from utils.cli import error_line, fail
+from utils.cli import error_line
+from utils.errors import BadCheckpointError, BadInputError, BadRolloutError, StageError
 from utils.files import atomic_write, remove_orphaned_temps
 from utils.logs import CSVLog, plot_columns
 
@@ -53,7 +54,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda asked but no CUDA GPU is visible to torch; use --device cpu or auto")
+        raise BadInputError("--device cuda asked but no CUDA GPU is visible to torch; use --device cpu or auto")
     device = torch.device(name)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))  # every core for intra-op math
@@ -80,6 +81,10 @@ class EarlyStopping:
             self.best, self.bad_epochs = loss, 0
         else:
             self.bad_epochs += 1
+        return self.triggered()
+
+    def triggered(self) -> bool:
+        """Whether the recorded epochs already call for a stop."""
         return self.patience > 0 and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
@@ -124,8 +129,8 @@ def _run_epoch(step: StepFn, data: Iterable, names: list[str], bar: tqdm | None)
         if not math.isfinite(out["loss"]):
             if bar is not None:
                 bar.close()
-            fail(
-                f"loss became {out['loss']} (non-finite); stopped, the last good checkpoints are kept. Try a lower --lr"
+            raise StageError(
+                f"loss became {out['loss']} (non-finite); stopped, the last good checkpoints are kept; try a lower --lr"
             )
         n = out["items"]
         items += n
@@ -135,7 +140,7 @@ def _run_epoch(step: StepFn, data: Iterable, names: list[str], bar: tqdm | None)
             bar.update(n)
             bar.set_postfix(loss=f"{totals['loss'] / items:.4g}", refresh=False)
     if items == 0:
-        fail("an epoch saw no data; the dataset split is empty (generate more rollouts)")
+        raise BadRolloutError("an epoch saw no data; the dataset split is empty (generate more rollouts)")
     return {name: total / items for name, total in totals.items()} | {"items": items}
 
 
@@ -174,117 +179,127 @@ def _roll_forward(state: dict[str, Any], last_path: Path, best_path: Path) -> No
         )
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: the last committed epoch and what last.pt keeps beside the weights."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # log.csv's rows of the committed epochs
+
+
+def _resume(run: TrainingRun, early: EarlyStopping, last_path: Path, best_path: Path) -> _Progress:
+    """Restore model, optimizer, scheduler, early stopping and the torch RNG from last.pt, then
+    redo the writes a kill may have cut short after it (best.pt)."""
+    try:  # a truncated, foreign or damaged last.pt: one line, not a traceback
+        state = load_checkpoint(last_path, map_location="cpu")
+        check_config(dict(state["config"]), run.config, last_path, run.config_keys)
+        run.model.load_state_dict(state["state_dict"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        early.load_state_dict(state["early_stopping"])
+        torch.set_rng_state(state["torch_rng"])
+        progress = _Progress(int(state["epoch"]), float(state["best_loss"]), state["best_epoch"], list(state["log_rows"]))
+    except BadCheckpointError:
+        raise
+    except Exception as error:
+        raise BadCheckpointError(
+            f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh"
+        ) from None
+    _roll_forward(state, last_path, best_path)
+    print(f"resuming {last_path} after epoch {progress.epoch} (best test loss {progress.best_loss:.6g})")
+    return progress
+
+
+def _train_and_test(run: TrainingRun, epoch: int, epochs: int, names: list[str]) -> tuple[dict, dict, float]:
+    """One epoch of training (with a progress bar), then the test pass: (train, test, train seconds)."""
+    t0 = time.perf_counter()
+    for data in (run.train_data, run.test_data):
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
+    run.model.train()
+    desc = f"epoch {epoch}/{epochs}"
+    with tqdm(total=run.train_items, unit=run.unit, unit_scale=True, desc=desc, dynamic_ncols=True) as bar:
+        train = _run_epoch(run.train_step, run.train_data, names, bar)
+    train_time = time.perf_counter() - t0
+    run.model.eval()
+    with torch.no_grad():
+        test = _run_epoch(run.test_step, run.test_data, names, None)
+    return train, test, train_time
+
+
+def _checkpoint(run: TrainingRun, early: EarlyStopping, progress: _Progress, test_loss: float) -> dict[str, Any]:
+    """last.pt's payload after epoch `progress.epoch` (and best.pt's when it improved)."""
+    return {
+        "state_dict": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "early_stopping": early.state_dict(),
+        "epoch": progress.epoch,
+        "best_loss": progress.best_loss,
+        "best_epoch": progress.best_epoch,
+        "test_loss": test_loss,
+        "config": run.config,
+        "torch_rng": torch.get_rng_state(),
+        **run.extra_state,
+    }
+
+
 def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]:
     """Train for up to `epochs` epochs (counted across resumes); returns the final summary.
 
     Write order and resume protocol: see the module docstring."""
-    last_path, best_path = run.stage_dir / LAST, run.stage_dir / BEST
-    early = EarlyStopping(run.patience)
-    start_epoch, best_loss, best_epoch = 1, math.inf, None
-    committed_rows: list[dict[str, Any]] | None = []  # None: a last.pt from before log_rows existed
-    names = ["loss"] + run.metrics
-    fields = (
-        ["epoch"]
-        + [f"train_{n}" for n in names]
-        + [f"test_{n}" for n in names]
-        + ["lr", f"{run.unit}s_per_s", "epoch_time_s"]
-    )
-    log_path = run.stage_dir / "log.csv"
+    last_path, best_path, log_path = run.stage_dir / LAST, run.stage_dir / BEST, run.stage_dir / "log.csv"
+    names = ["loss", *run.metrics]
+    fields = ["epoch", *(f"{part}_{n}" for part in ("train", "test") for n in names)]
+    fields += ["lr", f"{run.unit}s_per_s", "epoch_time_s"]
     remove_orphaned_temps(run.stage_dir)  # what a kill inside a write left behind
-    if not noreload and last_path.exists():
-        try:  # a truncated, foreign or damaged last.pt: one line, not a traceback
-            state = load_checkpoint(last_path, map_location="cpu")
-            check_config(dict(state["config"]), run.config, last_path, run.config_keys)
-            run.model.load_state_dict(state["state_dict"])
-            run.optimizer.load_state_dict(state["optimizer"])
-            run.scheduler.load_state_dict(state["scheduler"])
-            early.load_state_dict(state["early_stopping"])
-            torch.set_rng_state(state["torch_rng"])
-            start_epoch, best_loss = int(state["epoch"]) + 1, float(state["best_loss"])
-            best_epoch = (
-                state["best_epoch"] if "best_epoch" in state else _saved_epoch(best_path)
-            )  # older last.pt
-            committed_rows = list(state["log_rows"]) if "log_rows" in state else None
-        except Exception as error:  # (check_config's own one-line exit is a SystemExit, not caught here)
-            fail(f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh")
-        _roll_forward(state, last_path, best_path)
-        print(f"resuming {last_path} after epoch {state['epoch']} (best test loss {best_loss:.6g})")
-    else:  # a fresh start, asked for or not: best.pt must only hold this run's best
+    early = EarlyStopping(run.patience)
+    if noreload or not last_path.exists():  # a fresh start: best.pt must only hold this run's best
         for stale in (last_path, best_path):
             stale.unlink(missing_ok=True)
-
-    log = CSVLog(log_path, fields, keep_before=start_epoch)  # rows of epochs being redone go
-    if committed_rows:  # exactly the committed epochs' rows, whatever a kill left in the file
-        _write_log(log_path, fields, committed_rows)
+        progress = _Progress()
+    else:
+        progress = _resume(run, early, last_path, best_path)
+    log = CSVLog(log_path, fields, keep_before=progress.epoch + 1)
+    if progress.rows:  # exactly the committed epochs' rows, whatever a kill left in the file
+        _write_log(log_path, fields, progress.rows)
         _plot(run, log_path)
-    if committed_rows is None:  # from now on the rows are kept in last.pt too
-        committed_rows = [{k: v for k, v in r.items() if k in fields} for r in log.read()]
-    rows = list(committed_rows)
-    if start_epoch > 1 and early.patience > 0 and early.bad_epochs >= early.patience:
+    if early.triggered():
         print("early stopping had already triggered; nothing to do (use --noreload to start afresh)")
-        return {"epoch": start_epoch - 1, "best_loss": best_loss, "stopped_early": True}
+        return {"epoch": progress.epoch, "best_loss": progress.best_loss, "stopped_early": True}
 
-    stopped_early, epoch = False, start_epoch - 1
-    for epoch in range(start_epoch, epochs + 1):
+    stopped_early = False
+    for epoch in range(progress.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        for data in (run.train_data, run.test_data):
-            if hasattr(data, "set_epoch"):
-                data.set_epoch(epoch)
-        run.model.train()
-        with tqdm(
-            total=run.train_items,
-            unit=run.unit,
-            unit_scale=True,
-            desc=f"epoch {epoch}/{epochs}",
-            dynamic_ncols=True,
-        ) as bar:
-            train = _run_epoch(run.train_step, run.train_data, names, bar)
-        train_time = time.perf_counter() - t0
-        run.model.eval()
-        with torch.no_grad():
-            test = _run_epoch(run.test_step, run.test_data, names, None)
+        train, test, train_time = _train_and_test(run, epoch, epochs, names)
         run.scheduler.step(test["loss"])
-        stop = early.step(test["loss"])
-        improved = test["loss"] < best_loss
+        stopped_early = early.step(test["loss"])
+        improved = test["loss"] < progress.best_loss
         if improved:
-            best_loss, best_epoch = test["loss"], epoch
-        row = {
-            "epoch": epoch,
-            "lr": run.optimizer.param_groups[0]["lr"],
-            f"{run.unit}s_per_s": train["items"] / train_time,
-        }
-        row |= {f"train_{n}": train[n] for n in names} | {f"test_{n}": test[n] for n in names}
-        payload = {
-            "state_dict": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "early_stopping": early.state_dict(),
-            "epoch": epoch,
-            "best_loss": best_loss,
-            "best_epoch": best_epoch,
-            "test_loss": test["loss"],
-            "config": run.config,
-            "torch_rng": torch.get_rng_state(),
-            **run.extra_state,
-        }
+            progress.best_loss, progress.best_epoch = test["loss"], epoch
+        progress.epoch = epoch
+        payload = _checkpoint(run, early, progress, test["loss"])
         if run.on_epoch_end is not None:  # pictures first: a committed epoch always has them
             run.on_epoch_end(epoch, {"train": train, "test": test})
-        row["epoch_time_s"] = time.perf_counter() - t0
-        rows.append(_csv_row(row))
-        payload["log_rows"] = rows
+        rate = train["items"] / train_time
+        row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], f"{run.unit}s_per_s": rate}
+        row |= {f"train_{n}": train[n] for n in names} | {f"test_{n}": test[n] for n in names}
+        progress.rows.append(_csv_row(row | {"epoch_time_s": time.perf_counter() - t0}))
+        payload["log_rows"] = progress.rows
         save_checkpoint(last_path, payload)  # the commit point: epoch e is done from here on
         if improved:
             save_checkpoint(best_path, payload)
-        log.append(rows[-1])
+        log.append(progress.rows[-1])
         _plot(run, log_path)
-        print(
-            f"epoch {epoch}: train loss {train['loss']:.5g}, test loss {test['loss']:.5g}{' (best)' if improved else ''}, {row[f'{run.unit}s_per_s']:.0f} {run.unit}s/s"
-        )
-        if stop:
-            stopped_early = True
+        best = " (best)" if improved else ""
+        print(f"epoch {epoch}: train loss {train['loss']:.5g}, test loss {test['loss']:.5g}{best}, "
+              f"{rate:.0f} {run.unit}s/s")  # fmt: skip
+        if stopped_early:
             print(f"early stopping: no test-loss improvement in {early.patience} epochs")
             break
-    return {"epoch": epoch, "best_loss": best_loss, "stopped_early": stopped_early}
+    return {"epoch": progress.epoch, "best_loss": progress.best_loss, "stopped_early": stopped_early}
 
 
 def _plot(run: TrainingRun, log_path: Path) -> None:
