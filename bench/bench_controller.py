@@ -7,7 +7,7 @@ each alike:
 
 1. **old path**: k = 1 (the agent acts, and the env draws, every frame), one env per worker,
    V, M and C on one frame at a time: a generation of `pop x n-samples` full-length episodes
-   through the real pool (agent.population.evaluate_candidates on a WorkerPool).
+   through the real pool (agent.population.RealEvaluator on a WorkerPool).
 2. **k only**: the same generation at the default k (C acts every k frames, the frames in
    between are not drawn), still one env per worker, one frame at a time (lever 1 alone).
 3. **default**: k and `--envs-per-worker` episodes per worker stepped as one batch (levers 1
@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.policy import BLOCK, Agent  # noqa: E402
-from agent.population import _WORKER, evaluate_candidates, init_worker  # noqa: E402
+from agent.population import RealEvaluator, WorkerSpec, init_worker  # noqa: E402
 from agent.seeds import train_seeds  # noqa: E402
 from agent.world import load_world  # noqa: E402
 from envs.carracing import MAX_EPISODE_STEPS, env_frames, make_env  # noqa: E402
@@ -62,12 +62,6 @@ def make_world(logdir: Path, latent: int, hidden: int, action_repeat: int) -> No
         )
 
 
-def init_unbatched_worker(*args) -> None:
-    """The pool worker of the old path: V, M and C on one frame at a time, no padding."""
-    init_worker(*args)
-    _WORKER["agent"].block = 1
-
-
 def generation(
     logdir: str,
     config: dict,
@@ -79,14 +73,12 @@ def generation(
     envs_per_worker: int,
 ) -> float:
     """Env frames/s of one generation through the real pool, acting every k frames, envs_per_worker episodes per task."""
-    init = init_unbatched_worker if envs_per_worker == 1 else init_worker
-    with WorkerPool(workers, init, (logdir, True, config, k, envs_per_worker), task_timeout=600) as pool:
+    block = 1 if envs_per_worker == 1 else BLOCK  # the old path: V, M and C on one frame at a time, no padding
+    spec = WorkerSpec(logdir, config, k, envs_per_worker, block=block)
+    with WorkerPool(workers, init_worker, (spec,), task_timeout=600) as pool:
         pool.map(time.sleep, [(0.5,)] * workers)  # every worker has loaded V, M and the envs
-        start = time.perf_counter()
-        _, _, frames = evaluate_candidates(
-            pool, candidates, seeds, max_frames, envs_per_worker=envs_per_worker
-        )
-        return int(frames.sum()) / (time.perf_counter() - start)
+        scores = RealEvaluator(pool, max_frames, envs_per_worker).evaluate(candidates, seeds)
+        return scores.real_frames / scores.seconds
 
 
 def bare_env(k: int, frames: int, seed: int) -> float:

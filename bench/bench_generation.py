@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from data.carracing import random_actions, rollout_seeds  # noqa: E402
-from data.generation_script import init_worker, run_rollout  # noqa: E402
+from data.generation_script import RolloutTask, init_worker, run_rollout  # noqa: E402
+from data.rollouts import rollout_path  # noqa: E402
 from envs.carracing import make_env  # noqa: E402
 from pool.local import WorkerPool  # noqa: E402
 
@@ -51,9 +52,9 @@ def plain_loop(rollouts: int, steps: int, fast: bool) -> float:
 def generation(workers: int, rollouts: int, steps: int, fast: bool) -> tuple[float, float]:
     """(steady-state frames/s, end-to-end frames/s) of `rollouts` rollouts on `workers` workers."""
     with tempfile.TemporaryDirectory() as root:
-        tasks = [(i, i % workers, root, 0, "brown", steps) for i in range(rollouts)]
+        tasks = [(RolloutTask(i, str(rollout_path(root, i, i % workers)), 0, "brown", steps),) for i in range(rollouts)]
         t0 = time.perf_counter()
-        with WorkerPool(workers, init_worker, (fast,)) as pool:
+        with WorkerPool(workers, init_worker, (fast, 1)) as pool:  # k = 1: a row is a frame
             pool.map(len, [((),)] * workers)  # wait until every worker has started
             t1 = time.perf_counter()
             frames = sum(pool.map(run_rollout, tasks))

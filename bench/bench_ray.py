@@ -3,7 +3,7 @@
     python bench/bench_ray.py [--episodes 16 --max-steps 200 --workers 2] [--ray-address HOST:PORT]
 
 The same episodes (4 candidates x episodes/4 tracks, random-init V and M at the paper's sizes,
-latent 32 and hidden 256, in a temp dir) run through agent.population.evaluate_candidates, the path
+latent 32 and hidden 256, in a temp dir) run through agent.population.RealEvaluator, the path
 traincontroller.py takes, on each backend with 1 and with K workers. Rates are steady state:
 timed from the first task to the last result on a started pool; pool start-up (a local Ray,
 actors loading V, M and an env) is printed apart. Ray's own cost per task (scheduling, object
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.population import evaluate_candidates, init_worker  # noqa: E402
+from agent.population import RealEvaluator, WorkerSpec, init_worker  # noqa: E402
 from agent.seeds import train_seeds  # noqa: E402
 from models.controller import Controller  # noqa: E402
 from models.mdrnn import MDRNNCell  # noqa: E402
@@ -100,13 +100,14 @@ def measure(
         backend,
         workers,
         init_worker,
-        (logdir, True, config),
+        (WorkerSpec(logdir, config, action_repeat=1, envs_per_worker=1),),
         task_timeout=600,
         ray_address=address if backend == "ray" else None,
     ) as pool:
         wait_until_started(pool, workers)
         t1 = time.perf_counter()
-        _, returns, steps = evaluate_candidates(pool, candidates, seeds, max_steps)
+        scores = RealEvaluator(pool, max_steps, envs_per_worker=1).evaluate(candidates, seeds)
+        returns, steps = scores.returns, scores.frames
         wall = time.perf_counter() - t1
     return dict(
         startup=t1 - t0, episodes_per_s=returns.size / wall, steps_per_s=int(steps.sum()) / wall, wall=wall

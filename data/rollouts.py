@@ -104,14 +104,13 @@ def remove_partial_files(root: str | os.PathLike) -> int:
 # -- find -----------------------------------------------------------------------------------
 def find_rollouts(root: str | os.PathLike) -> list[tuple[int, Path]]:
     """(index, path) of every complete `rollout_I.npz` under `root`, searched recursively
-    (thread_K/ folders or flat), sorted by folder then index. A missing root has none."""
+    (thread_K/ folders or flat), sorted by index (then path): the order, like the dataset, does
+    not depend on how many workers made them. A missing root has none."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = [(rollout_index(p), p) for p in root.rglob("rollout_*.npz")]
-    return sorted(
-        ((i, p) for i, p in found if i is not None), key=lambda item: (str(item[1].parent), item[0])
-    )
+    return sorted(((i, p) for i, p in found if i is not None), key=lambda item: (item[0], str(item[1])))
 
 
 # -- read and validate ----------------------------------------------------------------------
@@ -236,15 +235,22 @@ def dataset_paths(root: str | os.PathLike) -> tuple[list[Path], list[int]]:
 def split_rollouts(
     paths: Sequence[Path], test_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[Path], list[Path]]:
-    """Deterministic train/test split by rollout: a seeded shuffle of the sorted paths.
+    """Deterministic train/test split by rollout: a seeded shuffle of the paths in rollout-index order.
 
-    At least one rollout goes to each side when there are two or more.
+    Ordered by index, not by path, so the split (and every later stage) is the same whatever
+    number of workers spread the rollouts over `thread_K/` folders. At least one rollout goes
+    to each side when there are two or more.
     """
-    paths = sorted(paths, key=str)
+    paths = sorted(paths, key=_index_order)
     if len(paths) < 2:
         return list(paths), []
     order = np.random.default_rng(seed).permutation(len(paths))
     n_test = min(max(1, round(len(paths) * test_fraction)), len(paths) - 1)
-    test = sorted((paths[i] for i in order[:n_test]), key=str)
-    train = sorted((paths[i] for i in order[n_test:]), key=str)
+    test = sorted((paths[i] for i in order[:n_test]), key=_index_order)
+    train = sorted((paths[i] for i in order[n_test:]), key=_index_order)
     return train, test
+
+
+def _index_order(path: Path) -> tuple[int, str]:
+    index = rollout_index(path)
+    return (-1 if index is None else index, str(path))
