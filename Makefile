@@ -1,6 +1,7 @@
 # World Models on CarRacing-v3. `make test`, `make pipeline` and `make smoke` create .venv when missing.
 #
 #   make test       the test suite
+#   make lint       ruff: the linter and the formatter's check (`ruff format .` fixes the layout)
 #   make faults     the full fault-injection suite: kill -9 inside every write, every damaged input (a few minutes)
 #   make pipeline   data -> V -> M -> C, then TEST_EPISODES test episodes and $(LOGDIR)/report/report.md;
 #                   rerun it after an interruption: every stage resumes where it stopped
@@ -75,7 +76,7 @@ CTRL_FLAGS = $(if $(filter dream,$(CTRL_MODE)),--dream $(call flag,TEMPERATURE,-
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
 TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage
 
-.PHONY: venv test faults bench clean-venv pipeline smoke data vae mdrnn ctrl evaluate report
+.PHONY: venv test lint faults bench clean-venv pipeline smoke data vae mdrnn ctrl evaluate report
 .NOTPARALLEL:  # the stages run one after another, in the order the prerequisites are listed
 
 venv: $(VENV)/.installed
@@ -89,6 +90,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # every kill point and every damaged input of tests/test_faults.py (make test runs a sample)
 faults: venv

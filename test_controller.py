@@ -38,18 +38,28 @@ ENV_FPS, GIF_FPS, GIF_SCALE = 50, 25, 0.5  # at most 25 fps of the 50 fps env, a
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/.")
+    parser = ArgumentParser(
+        description="Evaluate C (L/ctrl/best.pt) with V and M in CarRacing; writes L/ctrl/eval/."
+    )
     add = parser.add_argument
     add("--logdir", type=writable_dir, required=True, help="folder holding vae/, mdrnn/ and ctrl/")
-    add("--episodes", type=int_in(1, 1_000_000), default=profile.TEST_EPISODES,
-        help=f"held-out tracks to run (default {profile.TEST_EPISODES})")
+    add(
+        "--episodes",
+        type=int_in(1, 1_000_000),
+        default=profile.TEST_EPISODES,
+        help=f"held-out tracks to run (default {profile.TEST_EPISODES})",
+    )
     add("--seed", type=seed_int, default=0, help="picks the held-out tracks (default 0)")
     add("--display", action="store_true", help="watch the episodes in a window (one at a time)")
     add("--record", metavar="FILE", type=writable_file, help="write episode 0 as an animated GIF to FILE")
-    add("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS,
-        help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
+    add(
+        "--max-steps",
+        type=int_in(1, MAX_EPISODE_STEPS),
+        default=MAX_EPISODE_STEPS,
+        help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})",
+    )
     add_agent_pool_args(parser)
-    return parser.parse_args(argv)  # fmt: skip
+    return parser.parse_args(argv)
 
 
 def load_agent(logdir: str) -> tuple[Agent, dict, int]:
@@ -58,8 +68,10 @@ def load_agent(logdir: str) -> tuple[Agent, dict, int]:
     controller, state = load_best_controller(logdir, config)
     k, world_k = int(state.get("action_repeat", 1)), world_action_repeat(logdir)
     if k != world_k:
-        raise BadCheckpointError(f"{Path(logdir) / 'ctrl' / 'best.pt'} acts every {k} frames but M was trained at "
-                                 f"k={world_k}; retrain C: {stage_command('ctrl', logdir)} --noreload")  # fmt: skip
+        raise BadCheckpointError(
+            f"{Path(logdir) / 'ctrl' / 'best.pt'} acts every {k} frames but M was trained at "
+            f"k={world_k}; retrain C: {stage_command('ctrl', logdir)} --noreload"
+        )
     return Agent(vae, mdrnn, controller), state, k
 
 
@@ -85,9 +97,18 @@ def play_in_pool(agent: Agent, seeds: list[int], args: argparse.Namespace, k: in
     """The episodes in parallel on a worker pool; [(return, frames)] in the order of `seeds`."""
     workers = min(args.workers, task_count(1, len(seeds), args.envs_per_worker))
     spec = WorkerSpec(args.logdir, agent.controller.config, k, args.envs_per_worker, fast=not args.slow_env)
-    with make_pool(args.backend, workers, init_worker, (spec,), task_timeout=args.task_timeout * args.envs_per_worker,
-                   log=lambda text: tqdm.write(text, file=sys.stderr), ray_address=args.ray_address) as pool, \
-            tqdm(total=len(seeds), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar:  # fmt: skip
+    with (
+        make_pool(
+            args.backend,
+            workers,
+            init_worker,
+            (spec,),
+            task_timeout=args.task_timeout * args.envs_per_worker,
+            log=lambda text: tqdm.write(text, file=sys.stderr),
+            ray_address=args.ray_address,
+        ) as pool,
+        tqdm(total=len(seeds), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar,
+    ):
         evaluator = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # full episodes
         scores = evaluator.evaluate([get_flat_params(agent.controller)], seeds, bar.update)
     return list(zip(scores.returns[0].tolist(), scores.frames[0].tolist()))
@@ -104,33 +125,50 @@ def report(results: list[tuple[float, int]], seeds: list[int], eval_dir: Path) -
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(returns, bins=min(30, max(5, len(returns) // 3)))
     ax.axvline(returns.mean(), color="k", linestyle="--", label="mean")
-    ax.set(xlabel="episode return", ylabel="episodes", title=f"C on {len(returns)} held-out tracks: {summary}")
+    ax.set(
+        xlabel="episode return", ylabel="episodes", title=f"C on {len(returns)} held-out tracks: {summary}"
+    )
     ax.legend()
     fig.tight_layout()
     with atomic_write(eval_dir / "returns.png") as handle:
         fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
     frames = sum(n for _, n in results)
-    print(f"return over {len(returns)} episodes: {summary}, {int((returns < 500).sum())} below 500; "
-          f"{frames} real env frames; per-episode returns in {eval_dir / 'returns.csv'}")  # fmt: skip
+    print(
+        f"return over {len(returns)} episodes: {summary}, {int((returns < 500).sum())} below 500; "
+        f"{frames} real env frames; per-episode returns in {eval_dir / 'returns.csv'}"
+    )
 
 
 def record(agent: Agent, seed: int, args: argparse.Namespace, k: int) -> None:
     """Replay the first episode and write it as a GIF (the agent is deterministic: same return)."""
     frames: list = []
-    counter, stride = itertools.count(), max(1, ENV_FPS // (GIF_FPS * k))  # <= 25 fps of the frames the agent sees
+    counter, stride = (
+        itertools.count(),
+        max(1, ENV_FPS // (GIF_FPS * k)),
+    )  # <= 25 fps of the frames the agent sees
     env = make_env(fast=not args.slow_env, action_repeat=k, render_mode="rgb_array")
 
     def keep() -> None:
         if next(counter) % stride == 0:
             image = Image.fromarray(env.render())  # (400, 600, 3) uint8
-            frames.append(image.resize((round(image.width * GIF_SCALE), round(image.height * GIF_SCALE)), Image.BILINEAR))
+            frames.append(
+                image.resize(
+                    (round(image.width * GIF_SCALE), round(image.height * GIF_SCALE)), Image.BILINEAR
+                )
+            )
 
     ret, n = run_episode(env, agent, seed, args.max_steps, on_step=keep)
     env.close()
     with atomic_write(args.record) as handle:
-        frames[0].save(handle, format="GIF", save_all=True, append_images=frames[1:],
-                       duration=round(1000 * k * stride / ENV_FPS), loop=0)  # fmt: skip
+        frames[0].save(
+            handle,
+            format="GIF",
+            save_all=True,
+            append_images=frames[1:],
+            duration=round(1000 * k * stride / ENV_FPS),
+            loop=0,
+        )
     print(f"recorded episode 0 (return {ret:.1f}, {n} frames) to {args.record}")
 
 
@@ -139,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     check_backend(args.backend, args.ray_address)
     agent, state, k = load_agent(args.logdir)
     seeds = holdout_seeds(args.seed, args.episodes)  # tracks no training or evaluation ever used
-    print(f"C from generation {state.get('generation')} (eval return {state.get('eval_return', float('nan')):.1f} "
-          f"in training), acting every {k} frame(s), on {len(seeds)} held-out tracks of {args.max_steps} frames")  # fmt: skip
+    print(
+        f"C from generation {state.get('generation')} (eval return {state.get('eval_return', float('nan')):.1f} "
+        f"in training), acting every {k} frame(s), on {len(seeds)} held-out tracks of {args.max_steps} frames"
+    )
     try:
         results = watch(agent, seeds, args, k) if args.display else []
         if len(results) < len(seeds):  # the rest (all, without --display) in parallel

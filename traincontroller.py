@@ -49,8 +49,21 @@ from utils.files import remove_orphaned_temps
 from utils.logs import CSVLog, plot_columns
 from utils.params import count_params
 
-LOG_FIELDS = ["generation", "best_fitness", "mean_fitness", "worst_fitness", "sigma", "eval_mean", "eval_std",
-              "eval_dream_mean", "frames_per_s", "dream_steps_per_s", "time_s", "env_frames", "wall_min"]  # fmt: skip
+LOG_FIELDS = [
+    "generation",
+    "best_fitness",
+    "mean_fitness",
+    "worst_fitness",
+    "sigma",
+    "eval_mean",
+    "eval_std",
+    "eval_dream_mean",
+    "frames_per_s",
+    "dream_steps_per_s",
+    "time_s",
+    "env_frames",
+    "wall_min",
+]
 PLOT_PANELS = {
     "return": ["best_fitness", "mean_fitness", "worst_fitness", "eval_mean", "eval_dream_mean"],
     "CMA-ES step size": ["sigma"],
@@ -63,41 +76,93 @@ PLOT_PANELS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description="Stage 4: train C with CMA-ES (reads L/vae, L/mdrnn; writes L/ctrl).")
     add = parser.add_argument
-    add("--logdir", type=writable_dir, required=True, help="folder holding vae/ and mdrnn/; ctrl/ is written there")
-    add("--pop-size", type=int_in(2, 100_000), default=profile.POP_SIZE,
-        help=f"CMA-ES population per generation (default {profile.POP_SIZE})")
-    add("--n-samples", type=int_in(1, 10_000), default=profile.N_SAMPLES,
-        help=f"tracks per candidate; its fitness is their mean return (default {profile.N_SAMPLES})")
-    add("--generations", type=positive_int, default=profile.GENERATIONS,
-        help=f"stop after this many generations, counted across resumes (default {profile.GENERATIONS})")
-    add("--target-return", type=finite_float, default=900.0,
-        help="stop once an evaluation's mean return reaches this (default 900, 'solved')")
+    add(
+        "--logdir",
+        type=writable_dir,
+        required=True,
+        help="folder holding vae/ and mdrnn/; ctrl/ is written there",
+    )
+    add(
+        "--pop-size",
+        type=int_in(2, 100_000),
+        default=profile.POP_SIZE,
+        help=f"CMA-ES population per generation (default {profile.POP_SIZE})",
+    )
+    add(
+        "--n-samples",
+        type=int_in(1, 10_000),
+        default=profile.N_SAMPLES,
+        help=f"tracks per candidate; its fitness is their mean return (default {profile.N_SAMPLES})",
+    )
+    add(
+        "--generations",
+        type=positive_int,
+        default=profile.GENERATIONS,
+        help=f"stop after this many generations, counted across resumes (default {profile.GENERATIONS})",
+    )
+    add(
+        "--target-return",
+        type=finite_float,
+        default=900.0,
+        help="stop once an evaluation's mean return reaches this (default 900, 'solved')",
+    )
     add("--sigma0", type=positive_float, default=0.1, help="initial CMA-ES step size (default 0.1)")
-    add("--eval-every", type=positive_int, default=profile.EVAL_EVERY,
-        help=f"evaluate the CMA-ES mean every this many generations, and at the end (default {profile.EVAL_EVERY})")
-    add("--eval-episodes", type=int_in(1, 100_000), default=profile.EVAL_EPISODES,
-        help=f"fresh tracks per evaluation (default {profile.EVAL_EPISODES})")
-    add("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS,
-        help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})")
-    add("--stall-frames", type=int_in(0, MAX_EPISODE_STEPS), default=profile.STALL_FRAMES,
+    add(
+        "--eval-every",
+        type=positive_int,
+        default=profile.EVAL_EVERY,
+        help=f"evaluate the CMA-ES mean every this many generations, and at the end (default {profile.EVAL_EVERY})",
+    )
+    add(
+        "--eval-episodes",
+        type=int_in(1, 100_000),
+        default=profile.EVAL_EPISODES,
+        help=f"fresh tracks per evaluation (default {profile.EVAL_EPISODES})",
+    )
+    add(
+        "--max-steps",
+        type=int_in(1, MAX_EPISODE_STEPS),
+        default=MAX_EPISODE_STEPS,
+        help=f"env frames per episode at most (default and most: the env's {MAX_EPISODE_STEPS})",
+    )
+    add(
+        "--stall-frames",
+        type=int_in(0, MAX_EPISODE_STEPS),
+        default=profile.STALL_FRAMES,
         help=f"end a training episode after this many frames without a new tile, charging -0.1 per frame left "
-        f"(default {profile.STALL_FRAMES}; 0: never; evaluations always play full episodes)")
-    add("--dream", action="store_true",
-        help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env")
-    add("--temperature", type=positive_float, default=profile.TEMPERATURE,
-        help=f"dream temperature tau, with --dream (default {profile.TEMPERATURE})")
-    add("--display", action="store_true", help="watch the current best C drive in a window (a low-priority process)")
+        f"(default {profile.STALL_FRAMES}; 0: never; evaluations always play full episodes)",
+    )
+    add(
+        "--dream",
+        action="store_true",
+        help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env",
+    )
+    add(
+        "--temperature",
+        type=positive_float,
+        default=profile.TEMPERATURE,
+        help=f"dream temperature tau, with --dream (default {profile.TEMPERATURE})",
+    )
+    add(
+        "--display",
+        action="store_true",
+        help="watch the current best C drive in a window (a low-priority process)",
+    )
     add("--noreload", action="store_true", help="start a new search instead of resuming L/ctrl/last.pt")
     add("--seed", type=seed_int, default=0, help="seeds CMA-ES and the track seeds (default 0)")
     add_agent_pool_args(parser, workers_alias="--max-workers")
-    return parser.parse_args(argv)  # fmt: skip
+    return parser.parse_args(argv)
 
 
 def search_settings(args: argparse.Namespace, action_repeat: int) -> dict:
     """The settings that decide what a generation's fitness values measure (a resume must match them)."""
-    return dict(pop_size=args.pop_size, action_repeat=action_repeat, dream=args.dream,
-                stall_frames=None if args.dream else args.stall_frames,
-                temperature=args.temperature if args.dream else None)  # fmt: skip
+    return dict(
+        pop_size=args.pop_size,
+        action_repeat=action_repeat,
+        dream=args.dream,
+        stall_frames=None if args.dream else args.stall_frames,
+        temperature=args.temperature if args.dream else None,
+    )
 
 
 def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: Path) -> Search:
@@ -121,18 +186,32 @@ def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: 
         raise BadCheckpointError(
             f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh"
         ) from None
-    changed = [f"--{k} {search.settings[k]}" for k in ("seed", "sigma0") if search.settings[k] != getattr(args, k)]
+    changed = [
+        f"--{k} {search.settings[k]}" for k in ("seed", "sigma0") if search.settings[k] != getattr(args, k)
+    ]
     if changed:
-        print(f"note: resuming the saved search with {', '.join(changed)} (they apply to a new search, --noreload)")
+        print(
+            f"note: resuming the saved search with {', '.join(changed)} (they apply to a new search, --noreload)"
+        )
     best = _read_best(best_path, config)
-    if best is None and search.best_generation:  # deleted, damaged or foreign: the next evaluation rewrites it
-        print(f"warning: {best_path} does not hold this search's best controller; it will be rewritten",
-              file=sys.stderr)  # fmt: skip
+    if (
+        best is None and search.best_generation
+    ):  # deleted, damaged or foreign: the next evaluation rewrites it
+        print(
+            f"warning: {best_path} does not hold this search's best controller; it will be rewritten",
+            file=sys.stderr,
+        )
         search.best_eval, search.best_generation = -math.inf, 0
-    elif best is not None and best["generation"] <= search.generation and best["eval_return"] > search.best_eval:
+    elif (
+        best is not None
+        and best["generation"] <= search.generation
+        and best["eval_return"] > search.best_eval
+    ):
         search.best_eval, search.best_generation = best["eval_return"], best["generation"]
-    print(f"resuming {last_path} after generation {search.generation} "
-          f"(sigma {search.sigma:.4g}, best eval return {search.best_eval:.1f})")  # fmt: skip
+    print(
+        f"resuming {last_path} after generation {search.generation} "
+        f"(sigma {search.sigma:.4g}, best eval return {search.best_eval:.1f})"
+    )
     return search
 
 
@@ -153,18 +232,27 @@ def stop_reason(search: Search, args: argparse.Namespace) -> str | None:
     if search.generation >= args.generations:
         return f"--generations {args.generations} reached"
     if search.es.stop():
-        return "CMA-ES stop criterion met (" + ", ".join(f"{k}={v}" for k, v in search.es.stop().items()) + ")"
+        return (
+            "CMA-ES stop criterion met (" + ", ".join(f"{k}={v}" for k, v in search.es.stop().items()) + ")"
+        )
     return None
 
 
 def score(scorer, candidates: list, seeds: list[int], desc: str, leave: bool = True) -> Scores:
     """`scorer.evaluate` under a progress bar counting episodes."""
-    with tqdm(total=len(candidates) * len(seeds), unit="ep", desc=desc, dynamic_ncols=True, leave=leave) as bar:
+    with tqdm(
+        total=len(candidates) * len(seeds), unit="ep", desc=desc, dynamic_ncols=True, leave=leave
+    ) as bar:
         return scorer.evaluate(candidates, seeds, bar.update)
 
 
-def evaluate_mean(search: Search, real: RealEvaluator, dream: DreamEvaluator | None, args: argparse.Namespace,
-                  best_path: Path) -> tuple[dict, Scores]:  # fmt: skip
+def evaluate_mean(
+    search: Search,
+    real: RealEvaluator,
+    dream: DreamEvaluator | None,
+    args: argparse.Namespace,
+    best_path: Path,
+) -> tuple[dict, Scores]:
     """The CMA-ES mean on fresh tracks of the real env, full episodes; best.pt if it is the best so far."""
     seeds = eval_seeds(search.settings["seed"], search.generation, args.eval_episodes)
     scores = score(real, [search.mean], seeds, f"evaluation {search.generation}", leave=False)
@@ -174,8 +262,11 @@ def evaluate_mean(search: Search, real: RealEvaluator, dream: DreamEvaluator | N
     improved = search.record_eval(row["eval_mean"])
     if improved:
         save_checkpoint(best_path, search.best_checkpoint(row["eval_std"], len(seeds)))
-    print(f"generation {search.generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
-          f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}", flush=True)  # fmt: skip
+    print(
+        f"generation {search.generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
+        f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}",
+        flush=True,
+    )
     return row, scores
 
 
@@ -185,8 +276,13 @@ def start_display(args: argparse.Namespace, search: Search) -> mp.Process | None
     if problem:
         print(f"display: {problem}; training continues headless", flush=True)
         return None
-    spec = DisplaySpec(args.logdir, args.max_steps, search.settings["seed"], search.settings["action_repeat"],
-                       fast=not args.slow_env)  # fmt: skip
+    spec = DisplaySpec(
+        args.logdir,
+        args.max_steps,
+        search.settings["seed"],
+        search.settings["action_repeat"],
+        fast=not args.slow_env,
+    )
     display = mp.get_context("spawn").Process(target=watch_best, args=(spec,), daemon=True)
     display.start()
     return display
@@ -212,34 +308,55 @@ def main(argv: list[str] | None = None) -> int:
     lost_best = reason is not None and search.generation > 0 and not search.best_generation
     if reason is not None and not lost_best:
         if log.path.is_file():  # a kill may have come between the last log row and its plot
-            plot_columns(log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)")
+            plot_columns(
+                log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)"
+            )
         print(f"nothing to do: {reason} (raise --generations to go on, or --noreload to start afresh)")
         return 0
 
     k, started, frames_before = settings["action_repeat"], time.perf_counter(), search.frames
-    dream = DreamEvaluator(args.logdir, settings["temperature"], -(-args.max_steps // k)) if settings["dream"] else None
-    maps = [(1, args.eval_episodes)] + ([] if dream else [(args.pop_size, args.n_samples)])  # what the pool plays
+    dream = (
+        DreamEvaluator(args.logdir, settings["temperature"], -(-args.max_steps // k))
+        if settings["dream"]
+        else None
+    )
+    maps = [(1, args.eval_episodes)] + (
+        [] if dream else [(args.pop_size, args.n_samples)]
+    )  # what the pool plays
     workers = min(args.workers, max(task_count(*m, args.envs_per_worker) for m in maps))  # no idle workers
     spec = WorkerSpec(args.logdir, config, k, args.envs_per_worker, fast=not args.slow_env)
     where = f"in M's dream (tau {settings['temperature']:g}), evaluated on" if dream else "on"
     try:
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(make_pool(args.backend, workers, init_worker, (spec,),
-                                                 task_timeout=args.task_timeout * args.envs_per_worker,
-                                                 log=lambda text: tqdm.write(text, file=sys.stderr),
-                                                 ray_address=args.ray_address))  # fmt: skip
+            pool = stack.enter_context(
+                make_pool(
+                    args.backend,
+                    workers,
+                    init_worker,
+                    (spec,),
+                    task_timeout=args.task_timeout * args.envs_per_worker,
+                    log=lambda text: tqdm.write(text, file=sys.stderr),
+                    ray_address=args.ray_address,
+                )
+            )
             real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # evaluations: full episodes
-            scorer = dream or RealEvaluator(pool, args.max_steps, args.envs_per_worker, settings["stall_frames"] or None)
+            scorer = dream or RealEvaluator(
+                pool, args.max_steps, args.envs_per_worker, settings["stall_frames"] or None
+            )
             if args.display:
                 stack.callback(stop_display, start_display(args, search))
             if lost_best:  # a finished search whose best.pt was lost: re-evaluate its mean to rewrite it
-                print(f"re-evaluating the CMA-ES mean of generation {search.generation} to rewrite {best_path}")
+                print(
+                    f"re-evaluating the CMA-ES mean of generation {search.generation} to rewrite {best_path}"
+                )
                 search.account([evaluate_mean(search, real, dream, args, best_path)[1]], 0.0)
                 save_checkpoint(last_path, search.state())
             else:
-                print(f"C: {count_params(search.controller())} parameters, population {args.pop_size} x "
-                      f"{args.n_samples} tracks {where} {workers} CPU workers, "
-                      f"generations {search.generation + 1}..{args.generations}")  # fmt: skip
+                print(
+                    f"C: {count_params(search.controller())} parameters, population {args.pop_size} x "
+                    f"{args.n_samples} tracks {where} {workers} CPU workers, "
+                    f"generations {search.generation + 1}..{args.generations}"
+                )
             # -- the search: ask -> score -> tell -> evaluate -> save -> log
             while reason is None:
                 t0, generation = time.perf_counter(), search.generation + 1
@@ -247,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = train_seeds(settings["seed"], generation, args.n_samples)
                 spent = [score(scorer, candidates, seeds, f"generation {generation}/{args.generations}")]
                 search.tell(candidates, spent[0].fitness)
-                row = dict(generation=generation, best_fitness=float(spent[0].fitness.max()),
-                           mean_fitness=float(spent[0].fitness.mean()), worst_fitness=float(spent[0].fitness.min()),
-                           sigma=search.sigma)  # fmt: skip
+                row = dict(
+                    generation=generation,
+                    best_fitness=float(spent[0].fitness.max()),
+                    mean_fitness=float(spent[0].fitness.mean()),
+                    worst_fitness=float(spent[0].fitness.min()),
+                    sigma=search.sigma,
+                )
                 reason = stop_reason(search, args)
                 if generation % args.eval_every == 0 or reason is not None:
                     evaluation, eval_scores = evaluate_mean(search, real, dream, args, best_path)
@@ -258,21 +379,39 @@ def main(argv: list[str] | None = None) -> int:
                     reason = stop_reason(search, args)
                 search.account(spent, time.perf_counter() - t0)
                 save_checkpoint(last_path, search.state())
-                log.append(row | rates(spent) | dict(time_s=time.perf_counter() - t0, env_frames=search.frames,
-                                                     wall_min=search.seconds / 60))  # fmt: skip
-                plot_columns(log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)")
+                log.append(
+                    row
+                    | rates(spent)
+                    | dict(
+                        time_s=time.perf_counter() - t0,
+                        env_frames=search.frames,
+                        wall_min=search.seconds / 60,
+                    )
+                )
+                plot_columns(
+                    log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)"
+                )
     except KeyboardInterrupt:
-        print(f"\ninterrupted in generation {search.generation + 1}; {last_path} holds generation "
-              f"{search.generation}: rerun the same command to resume", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"\ninterrupted in generation {search.generation + 1}; {last_path} holds generation "
+            f"{search.generation}: rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     except WorkerError as error:
         raise worker_failure(error, ctrl_dir / "worker_error.log") from None
 
     minutes = (time.perf_counter() - started) / 60
-    best = (f"best eval return {search.best_eval:.1f} (generation {search.best_generation}) in {best_path}"
-            if search.best_generation else "no evaluation yet")  # fmt: skip
-    print(f"C: stopped after generation {search.generation}: {reason}; {best}; {minutes:.1f} min, "
-          f"{search.frames - frames_before} real env frames ({search.frames} in all)")  # fmt: skip
+    best = (
+        f"best eval return {search.best_eval:.1f} (generation {search.best_generation}) in {best_path}"
+        if search.best_generation
+        else "no evaluation yet"
+    )
+    print(
+        f"C: stopped after generation {search.generation}: {reason}; {best}; {minutes:.1f} min, "
+        f"{search.frames - frames_before} real env frames ({search.frames} in all)"
+    )
     return 0
 
 
@@ -282,7 +421,9 @@ def rates(spent: list[Scores]) -> dict[str, float | None]:
     dreamt = [s for s in spent if s.dream_steps]
     return dict(
         frames_per_s=sum(s.real_frames for s in real) / sum(s.seconds for s in real) if real else None,
-        dream_steps_per_s=sum(s.dream_steps for s in dreamt) / sum(s.seconds for s in dreamt) if dreamt else None,
+        dream_steps_per_s=sum(s.dream_steps for s in dreamt) / sum(s.seconds for s in dreamt)
+        if dreamt
+        else None,
     )
 
 

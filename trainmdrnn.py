@@ -62,11 +62,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt"
     )
     p.add_argument(
-        "--epochs", type=positive_int, default=profile.MDRNN_EPOCHS, help="epochs in all, counted across resumes"
+        "--epochs",
+        type=positive_int,
+        default=profile.MDRNN_EPOCHS,
+        help="epochs in all, counted across resumes",
     )
     p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="sequences per batch")
     p.add_argument(
-        "--seq-len", type=int_in(1, 10_000), default=profile.SEQ_LEN, help="steps per training sequence (truncated BPTT)"
+        "--seq-len",
+        type=int_in(1, 10_000),
+        default=profile.SEQ_LEN,
+        help="steps per training sequence (truncated BPTT)",
     )
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--hidden-size", type=int_in(1, 8192), default=256, help="LSTM hidden size")
@@ -289,7 +295,8 @@ def train(args: argparse.Namespace) -> int:
     print(
         f"M: latent {config['latent_size']}, hidden {args.hidden_size}, {args.gaussians} gaussians, "
         f"{config['action_repeat']} env frame(s) per step; "
-        f"{len(train_rollouts)} train / {len(test_rollouts)} test rollouts ({frames} frames) from {cache_path(args.logdir)}; device {device}"
+        f"{len(train_rollouts)} train / {len(test_rollouts)} test rollouts ({frames} frames) from "
+        f"{cache_path(args.logdir)}; device {device}"
     )
     summary = fit(run, args.epochs, noreload=args.noreload)
     print(

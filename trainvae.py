@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--noreload", action="store_true", help="start afresh instead of resuming from L/vae/last.pt"
     )
     p.add_argument(
-        "--epochs", type=positive_int, default=profile.VAE_EPOCHS, help="epochs in all, counted across resumes"
+        "--epochs",
+        type=positive_int,
+        default=profile.VAE_EPOCHS,
+        help="epochs in all, counted across resumes",
     )
     p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="frames per batch")
     p.add_argument(
@@ -241,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except torch.cuda.OutOfMemoryError:
-        raise BadInputError(f"out of GPU memory at --batch-size {args.batch_size}; use a smaller one") from None
+        raise BadInputError(
+            f"out of GPU memory at --batch-size {args.batch_size}; use a smaller one"
+        ) from None
     seconds = time.perf_counter() - started
     print(
         f"done: best test loss {summary['best_loss']:.6g} after {summary['epoch']} epochs in {seconds:.0f}s; "

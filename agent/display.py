@@ -59,7 +59,8 @@ def open_window_env(fast: bool = True, seed: int = 0, action_repeat: int = 1):
             env.close()
             return (
                 None,
-                f"no window could open (SDL fell back to its invisible '{driver}' driver; is DISPLAY/WAYLAND_DISPLAY reachable?)",
+                f"no window could open (SDL fell back to its invisible '{driver}' driver; is "
+                "DISPLAY/WAYLAND_DISPLAY reachable?)",
             )
         return env, None
     except Exception as error:  # pygame.error and friends: report, never crash the caller
@@ -145,7 +146,9 @@ def watch_best(spec: DisplaySpec) -> None:
                 except Exception:  # caught mid-replace or a foreign file: try again shortly
                     _pump_window(1.0)
                     continue
-            run_episode(env, agent, display_seed(spec.seed, episode), spec.max_steps, on_step=check_window_open)
+            run_episode(
+                env, agent, display_seed(spec.seed, episode), spec.max_steps, on_step=check_window_open
+            )
             episode += 1
     except WindowClosed:
         print("display: window closed; training continues headless", file=sys.stderr, flush=True)

@@ -155,22 +155,35 @@ class DreamEvaluator:
     so the controller loop swaps one for the other.
     """
 
-    def __init__(self, logdir: str | Path, temperature: float = 1.0, max_steps: int = DEFAULT_MAX_STEPS,
-                 device: str = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self,
+        logdir: str | Path,
+        temperature: float = 1.0,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        device: str = "cpu",
+    ) -> None:
         self.mdrnn = load_mdrnn(logdir, device)
         self.starts = load_dream_starts(logdir)
         self.temperature, self.max_steps = temperature, max_steps
 
-    def evaluate(self, candidates: Sequence[np.ndarray], seeds: Sequence[int],
-                 on_episodes: Callable[[int], None] | None = None) -> Scores:  # fmt: skip
+    def evaluate(
+        self,
+        candidates: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        on_episodes: Callable[[int], None] | None = None,
+    ) -> Scores:
         started = time.perf_counter()
         params = torch.from_numpy(np.stack(candidates).astype(np.float32))  # (P, n_params)
-        returns, steps = dream_returns(self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps)
+        returns, steps = dream_returns(
+            self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps
+        )
         if on_episodes is not None:
             on_episodes(returns.numel())  # the whole population at once
         seconds = time.perf_counter() - started
         returns = returns.double().numpy()
-        return Scores(returns, np.zeros(returns.shape, np.int64), dream_steps=int(steps.sum()), seconds=seconds)
+        return Scores(
+            returns, np.zeros(returns.shape, np.int64), dream_steps=int(steps.sum()), seconds=seconds
+        )
 
 
 def play(logdir: str, temperature: float, episodes: int) -> None:

@@ -74,13 +74,21 @@ class Scores:
 def add_agent_pool_args(parser, workers_alias: str | None = None) -> None:
     """The flags of every script that plays the agent through a pool, worded alike."""
     add = parser.add_argument
-    add("--envs-per-worker", type=int_in(1, 1024), default=profile.ENVS_PER_WORKER,
-        help=f"episodes a worker drives side by side as one batch (default {profile.ENVS_PER_WORKER})")
-    add("--task-timeout", type=positive_float, default=300.0,
+    add(
+        "--envs-per-worker",
+        type=int_in(1, 1024),
+        default=profile.ENVS_PER_WORKER,
+        help=f"episodes a worker drives side by side as one batch (default {profile.ENVS_PER_WORKER})",
+    )
+    add(
+        "--task-timeout",
+        type=positive_float,
+        default=300.0,
         help="seconds one episode may take before its worker is presumed hung, replaced and its episodes rerun "
-        "(default 300)")
+        "(default 300)",
+    )
     add("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
-    add_pool_args(parser, workers_alias)  # fmt: skip
+    add_pool_args(parser, workers_alias)
 
 
 def init_worker(spec: WorkerSpec) -> None:
@@ -88,16 +96,22 @@ def init_worker(spec: WorkerSpec) -> None:
     torch.set_num_threads(1)
     vae, mdrnn, config = load_world(spec.logdir)
     if config != spec.config:
-        raise RuntimeError(f"V/M in {spec.logdir} changed during the run: sizes {config}, expected {spec.config}")
+        raise RuntimeError(
+            f"V/M in {spec.logdir} changed during the run: sizes {config}, expected {spec.config}"
+        )
     _WORKER["agent"] = Agent(vae, mdrnn, Controller(**config), block=spec.block)
-    _WORKER["envs"] = [make_env(fast=spec.fast, action_repeat=spec.action_repeat) for _ in range(spec.envs_per_worker)]
+    _WORKER["envs"] = [
+        make_env(fast=spec.fast, action_repeat=spec.action_repeat) for _ in range(spec.envs_per_worker)
+    ]
 
 
 def episodes_task(task: EpisodesTask) -> list[tuple[float, int]]:
     """Pool task: the candidate on each of its tracks as one batch; [(return, env frames)]."""
     agent = _WORKER["agent"]
     set_flat_params(agent.controller, task.params)
-    return run_episodes(_WORKER["envs"][: len(task.seeds)], agent, task.seeds, task.max_frames, task.stall_frames)
+    return run_episodes(
+        _WORKER["envs"][: len(task.seeds)], agent, task.seeds, task.max_frames, task.stall_frames
+    )
 
 
 def task_count(candidates: int, episodes: int, envs_per_worker: int) -> int:
@@ -117,13 +131,20 @@ class RealEvaluator:
         self.pool, self.max_frames, self.envs_per_worker = pool, int(max_frames), envs_per_worker
         self.stall_frames = stall_frames
 
-    def evaluate(self, candidates: Sequence[np.ndarray], seeds: Sequence[int],
-                 on_episodes: Callable[[int], None] | None = None) -> Scores:  # fmt: skip
+    def evaluate(
+        self,
+        candidates: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        on_episodes: Callable[[int], None] | None = None,
+    ) -> Scores:
         """Every candidate on every seed; `on_episodes(n)` hears of each finished task's n episodes."""
         started, seeds = time.perf_counter(), [int(s) for s in seeds]
         chunks = [seeds[i : i + self.envs_per_worker] for i in range(0, len(seeds), self.envs_per_worker)]
-        tasks = [(EpisodesTask(np.asarray(c, dtype=np.float64), chunk, self.max_frames, self.stall_frames),)
-                 for c in candidates for chunk in chunks]  # fmt: skip
+        tasks = [
+            (EpisodesTask(np.asarray(c, dtype=np.float64), chunk, self.max_frames, self.stall_frames),)
+            for c in candidates
+            for chunk in chunks
+        ]
         report = None if on_episodes is None else lambda index, result: on_episodes(len(result))
         results = self.pool.map(episodes_task, tasks, on_result=report)
         episodes = [episode for task in results for episode in task]  # candidate-major, seeds in order

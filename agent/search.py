@@ -50,13 +50,28 @@ def _new_strategy(
 class Search:
     """CMA-ES (maximising fitness) plus the run's bookkeeping: generation, best evaluation."""
 
-    def __init__(self, config: dict[str, int], pop_size: int, sigma0: float, seed: int, action_repeat: int = 1,
-                 stall_frames: int | None = None, dream: bool = False, temperature: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: dict[str, int],
+        pop_size: int,
+        sigma0: float,
+        seed: int,
+        action_repeat: int = 1,
+        stall_frames: int | None = None,
+        dream: bool = False,
+        temperature: float | None = None,
+    ) -> None:
         self.config = dict(config)
         # Everything that decides what the saved fitness values measured: a resume must match it.
-        self.settings = dict(pop_size=int(pop_size), sigma0=float(sigma0), seed=int(seed),
-                             action_repeat=int(action_repeat), stall_frames=stall_frames, dream=bool(dream),
-                             temperature=temperature)  # fmt: skip
+        self.settings = dict(
+            pop_size=int(pop_size),
+            sigma0=float(sigma0),
+            seed=int(seed),
+            action_repeat=int(action_repeat),
+            stall_frames=stall_frames,
+            dream=bool(dream),
+            temperature=temperature,
+        )
         self.es = _new_strategy(self.config, pop_size, sigma0, seed)
         self.generation = 0
         self.frames, self.seconds = 0, 0.0  # real env frames played and wall time spent, over all runs
@@ -101,9 +116,16 @@ class Search:
 
     def best_checkpoint(self, eval_std: float, eval_episodes: int) -> dict[str, Any]:
         """best.pt: C at the CMA-ES mean, just evaluated as the best so far (loads into Controller(**config))."""
-        return {"state_dict": self.controller().state_dict(), "config": self.config, "generation": self.generation,
-                "eval_return": self.best_eval, "eval_std": eval_std, "eval_episodes": eval_episodes,
-                "search": self.settings, "action_repeat": self.settings["action_repeat"]}  # fmt: skip
+        return {
+            "state_dict": self.controller().state_dict(),
+            "config": self.config,
+            "generation": self.generation,
+            "eval_return": self.best_eval,
+            "eval_std": eval_std,
+            "eval_episodes": eval_episodes,
+            "search": self.settings,
+            "action_repeat": self.settings["action_repeat"],
+        }
 
     def state(self) -> dict[str, Any]:
         """The checkpoint: numbers and tensors only (torch.load(weights_only=True) loads it)."""
@@ -136,7 +158,8 @@ class Search:
             or fitness.shape[1] != search.es.popsize
         ):
             raise ValueError(
-                f"fitness history of shape {tuple(getattr(fitness, 'shape', ()))}, expected (generations, {search.es.popsize})"
+                f"fitness history of shape {tuple(getattr(fitness, 'shape', ()))}, expected "
+                f"(generations, {search.es.popsize})"
             )
         if fitness.shape[0] != int(state["generation"]):
             raise ValueError(

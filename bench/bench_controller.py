@@ -72,8 +72,10 @@ def generation(
     max_frames: int,
     envs_per_worker: int,
 ) -> float:
-    """Env frames/s of one generation through the real pool, acting every k frames, envs_per_worker episodes per task."""
-    block = 1 if envs_per_worker == 1 else BLOCK  # the old path: V, M and C on one frame at a time, no padding
+    """Env frames/s of one generation through the real pool at k, envs_per_worker episodes per task."""
+    block = (
+        1 if envs_per_worker == 1 else BLOCK
+    )  # the old path: V, M and C on one frame at a time, no padding
     spec = WorkerSpec(logdir, config, k, envs_per_worker, block=block)
     with WorkerPool(workers, init_worker, (spec,), task_timeout=600) as pool:
         pool.map(time.sleep, [(0.5,)] * workers)  # every worker has loaded V, M and the envs
@@ -206,16 +208,19 @@ def main() -> None:
     mean = {name: float(np.mean(values)) for name, values in rates.items()}
     old, _, default, ceiling = mean.values()
     print(
-        f"env frames/s on {workers} workers (pop {args.pop_size} x {args.n_samples} episodes of {args.max_frames} frames, "
+        f"env frames/s on {workers} workers (pop {args.pop_size} x {args.n_samples} episodes of "
+        f"{args.max_frames} frames, "
         f"mean of {args.rounds} alternated rounds):"
     )
     for name, values in rates.items():
         print(f"  {name:28s} {mean[name]:7.0f}   ({', '.join(f'{v:.0f}' for v in values)})")
     print(
-        f"default vs old path: {default / old:.2f}x (target >= 5x); default vs ceiling: {100 * default / ceiling:.0f}% (target >= 80%)"
+        f"default vs old path: {default / old:.2f}x (target >= 5x); default vs ceiling: "
+        f"{100 * default / ceiling:.0f}% (target >= 80%)"
     )
     print(
-        f"full {MAX_EPISODE_STEPS}-frame episodes per hour on {workers} workers: {3600 * default / MAX_EPISODE_STEPS:.0f} "
+        f"full {MAX_EPISODE_STEPS}-frame episodes per hour on {workers} workers: "
+        f"{3600 * default / MAX_EPISODE_STEPS:.0f} "
         f"at the default, {3600 * old / MAX_EPISODE_STEPS:.0f} on the old path"
     )
     for name, split in (("one env, one frame per call", single), (f"{e} envs as one batch", batched)):
@@ -223,7 +228,8 @@ def main() -> None:
             f"per episode-step of {k} frames, {name}: env.step {split['env']:.2f} ms, V + M + C {split['agent']:.2f} ms"
         )
     print(
-        f"V encode per frame, one thread: {encode[1]:.2f} ms one frame at a time, {encode[BLOCK]:.2f} ms in blocks of {BLOCK} "
+        f"V encode per frame, one thread: {encode[1]:.2f} ms one frame at a time, {encode[BLOCK]:.2f} "
+        f"ms in blocks of {BLOCK} "
         f"({encode[1] / encode[BLOCK]:.1f}x)"
     )
 

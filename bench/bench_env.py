@@ -166,7 +166,8 @@ def run(steps: int, seeds: int, action_repeat: int = 4) -> int:
     print(f"speed-up            : {fast_rate / up_rate:8.2f}x")
     med_up, med_fast = np.median(per_step_up), np.median(per_step_fast)
     print(
-        f"median step         : {1e3 * med_up:.2f} ms vs {1e3 * med_fast:.2f} ms -> {med_up / med_fast:.2f}x (less sensitive to a busy machine)"
+        f"median step         : {1e3 * med_up:.2f} ms vs {1e3 * med_fast:.2f} ms -> "
+        f"{med_up / med_fast:.2f}x (less sensitive to a busy machine)"
     )
     print(
         f"physics only        : {phys_rate:8.1f} steps/s  ({1e3 / phys_rate:.2f} ms/step, no rendering: the ceiling)"
@@ -181,7 +182,8 @@ def run(steps: int, seeds: int, action_repeat: int = 4) -> int:
         f"fast, act every {k:<3} : {rep_rate:8.1f} frames/s  ({k - 1} of {k} renders skipped; {frames} frames)"
     )
     print(
-        f"  same frames       : physics only {phys_rep_rate:.1f} frames/s, fast drawing all {frames / t_every:.1f} frames/s"
+        f"  same frames       : physics only {phys_rep_rate:.1f} frames/s, fast drawing all "
+        f"{frames / t_every:.1f} frames/s"
     )
     print(
         f"  fast k={k:<10} : {rep_rate / phys_rep_rate:.0%} of physics-only, {rep_rate / ceiling:.0%} of the ceiling "

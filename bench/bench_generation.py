@@ -52,7 +52,10 @@ def plain_loop(rollouts: int, steps: int, fast: bool) -> float:
 def generation(workers: int, rollouts: int, steps: int, fast: bool) -> tuple[float, float]:
     """(steady-state frames/s, end-to-end frames/s) of `rollouts` rollouts on `workers` workers."""
     with tempfile.TemporaryDirectory() as root:
-        tasks = [(RolloutTask(i, str(rollout_path(root, i, i % workers)), 0, "brown", steps),) for i in range(rollouts)]
+        tasks = [
+            (RolloutTask(i, str(rollout_path(root, i, i % workers)), 0, "brown", steps),)
+            for i in range(rollouts)
+        ]
         t0 = time.perf_counter()
         with WorkerPool(workers, init_worker, (fast, 1)) as pool:  # k = 1: a row is a frame
             pool.map(len, [((),)] * workers)  # wait until every worker has started
@@ -80,7 +83,8 @@ def main() -> int:
         f"generation, 1 worker:                  {one:8.0f} frames/s  ({one_e2e:.0f} end to end with start-up)"
     )
     print(
-        f"generation, {args.workers} workers:                 {many:8.0f} frames/s  ({many_e2e:.0f} end to end with start-up)"
+        f"generation, {args.workers} workers:                 {many:8.0f} frames/s  ({many_e2e:.0f} "
+        "end to end with start-up)"
     )
     scaling, overhead = many / one, one / plain
     print(f"{args.workers} workers / 1 worker: {scaling:.2f}x (target >= 1.8)")

@@ -137,7 +137,8 @@ def main() -> None:
         train_files = [dataset / r["file"] for r in rollouts if not r["test"]]
         frames = sum(len(r["mu"]) for r in train)
         print(
-            f"device {device}, torch threads {torch.get_num_threads()}; {len(train_files)} train rollouts ({frames} frames), "
+            f"device {device}, torch threads {torch.get_num_threads()}; {len(train_files)} train "
+            f"rollouts ({frames} frames), "
             f"batch {args.batch_size} x seq {args.seq_len}, hidden {args.hidden_size}, latent {config['latent_size']}"
         )
         step_args = SimpleNamespace(reward_weight=1.0, done_weight=1.0, grad_clip=1.0)
@@ -190,7 +191,7 @@ def main() -> None:
             )
             model, opt = fresh_model(args, L, device)
 
-            def bare_step(_: int) -> dict[str, float]:
+            def bare_step(_: int, model=model, opt=opt) -> dict[str, float]:
                 loss = mdrnn_loss(model(z, a), nz, r, d)["loss"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -201,10 +202,12 @@ def main() -> None:
         loop_rate = max(n / t for t, n in loop_times)
         bare_rate = max(n / t for t, n in bare_times)
         print(
-            f"training loop:                 {loop_rate:8.1f} sequences/s  ({loop_times[0][1]} sequences, train set tiled x{len(tiled) // len(train)})"
+            f"training loop:                 {loop_rate:8.1f} sequences/s  ({loop_times[0][1]} "
+            f"sequences, train set tiled x{len(tiled) // len(train)})"
         )
         print(
-            f"bare model fwd+bwd+step:       {bare_rate:8.1f} sequences/s  ({args.loop_batches} batches of random tensors)"
+            f"bare model fwd+bwd+step:       {bare_rate:8.1f} sequences/s  ({args.loop_batches} "
+            "batches of random tensors)"
         )
         print(f"loop efficiency:               {100 * loop_rate / bare_rate:8.1f} %  (target >= 80%)")
     finally:

@@ -166,14 +166,16 @@ def main() -> None:
     )
     print()
     print(
-        f"dataset: {dataset}: {len(paths)} rollouts, {sum(lengths)} frames ({len(train_paths)} train rollouts / {len(test_paths)} test)"
+        f"dataset: {dataset}: {len(paths)} rollouts, {sum(lengths)} frames ({len(train_paths)} train "
+        f"rollouts / {len(test_paths)} test)"
     )
     print(f"throughput (batch {defaults.batch_size}, {device}{threads}{load}):")
     print(
         f"  bare model step, random tensors : {bare_rate:8.1f} frames/s ({bare_frames} frames in {bare_time:.0f}s)"
     )
     print(
-        f"  real epoch, FrameDataset + step : {real_rate:8.1f} frames/s ({real_frames} frames in {real_time:.0f}s, loading included)"
+        f"  real epoch, FrameDataset + step : {real_rate:8.1f} frames/s ({real_frames} frames in "
+        f"{real_time:.0f}s, loading included)"
     )
     print(f"  ratio real / bare               : {real_rate / bare_rate:8.3f}   (target >= 0.90)")
     print("quality after that 1 epoch (test MSE per pixel value in [0, 1]):")

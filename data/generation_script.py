@@ -65,21 +65,37 @@ def run_rollout(task: RolloutTask) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--rollouts", type=int_in(1, 10_000_000), default=profile.ROLLOUTS,
-        help=f"rollouts to have on disk in all (default {profile.ROLLOUTS})")
-    add("--rootdir", type=writable_dir, default=None,
-        help=f"output folder (default: {profile.dataset_folder('K')}, K the action repeat)")
+    add(
+        "--rollouts",
+        type=int_in(1, 10_000_000),
+        default=profile.ROLLOUTS,
+        help=f"rollouts to have on disk in all (default {profile.ROLLOUTS})",
+    )
+    add(
+        "--rootdir",
+        type=writable_dir,
+        default=None,
+        help=f"output folder (default: {profile.dataset_folder('K')}, K the action repeat)",
+    )
     add("--policy", choices=POLICIES, default="brown", help="random policy (default: brown)")
     add("--seed", type=seed_int, default=0, help="base seed; rollout I is seeded from (seed, I) (default: 0)")
-    add("--max-steps", type=int_in(1, MAX_EPISODE_STEPS), default=MAX_EPISODE_STEPS,
-        help=f"env frames per rollout at most (default and most: the env's {MAX_EPISODE_STEPS})")
-    add("--action-repeat", type=int_in(1, 50), default=profile.ACTION_REPEAT,
-        help=f"hold each action k frames, one row per k frames (default {profile.ACTION_REPEAT}; 1 is the paper)")
+    add(
+        "--max-steps",
+        type=int_in(1, MAX_EPISODE_STEPS),
+        default=MAX_EPISODE_STEPS,
+        help=f"env frames per rollout at most (default and most: the env's {MAX_EPISODE_STEPS})",
+    )
+    add(
+        "--action-repeat",
+        type=int_in(1, 50),
+        default=profile.ACTION_REPEAT,
+        help=f"hold each action k frames, one row per k frames (default {profile.ACTION_REPEAT}; 1 is the paper)",
+    )
     add("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
     add_pool_args(parser, workers_alias="--threads")
     args = parser.parse_args(argv)
     args.rootdir = args.rootdir or profile.dataset_folder(args.action_repeat)
-    return args  # fmt: skip
+    return args
 
 
 def rollouts_to_make(rootdir: Path, wanted: int, action_repeat: int) -> list[int]:
@@ -95,8 +111,10 @@ def rollouts_to_make(rootdir: Path, wanted: int, action_repeat: int) -> list[int
             path.unlink()
     k_found = dataset_action_repeat(list(readable.values()), rootdir) if readable else action_repeat
     if k_found != action_repeat:
-        raise BadRolloutError(f"{rootdir} holds rollouts at --action-repeat {k_found}, not {action_repeat}: "
-                              f"use another --rootdir for k={action_repeat}")  # fmt: skip
+        raise BadRolloutError(
+            f"{rootdir} holds rollouts at --action-repeat {k_found}, not {action_repeat}: "
+            f"use another --rootdir for k={action_repeat}"
+        )
     return [i for i in range(wanted) if i not in readable]
 
 
@@ -110,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all {args.rollouts} rollouts already in {rootdir}; nothing to do")
         return 0
     root = rootdir.resolve()
-    tasks = [RolloutTask(i, str(rollout_path(root, i, i % args.workers)), args.seed, args.policy, args.max_steps)
-             for i in todo]  # fmt: skip
+    tasks = [
+        RolloutTask(i, str(rollout_path(root, i, i % args.workers)), args.seed, args.policy, args.max_steps)
+        for i in todo
+    ]
     workers = min(args.workers, len(tasks))
     start, frames = time.perf_counter(), 0
     bar = tqdm(total=len(tasks), unit="rollout", desc="rollouts", dynamic_ncols=True)
@@ -119,15 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     def on_result(position: int, rows: int) -> None:
         nonlocal frames
         if not Path(tasks[position].path).is_file():  # written by a Ray worker on another machine
-            raise StageError(f"rollout {tasks[position].index} was written on another machine and is not in "
-                             f"{rootdir} here: with --backend ray on several nodes, --rootdir must be shared")  # fmt: skip
+            raise StageError(
+                f"rollout {tasks[position].index} was written on another machine and is not in "
+                f"{rootdir} here: with --backend ray on several nodes, --rootdir must be shared"
+            )
         frames += rows * args.action_repeat
         bar.update(1)
         bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
 
     try:
-        with make_pool(args.backend, workers, init_worker, (not args.slow_env, args.action_repeat),
-                       ray_address=args.ray_address) as pool:  # fmt: skip
+        with make_pool(
+            args.backend,
+            workers,
+            init_worker,
+            (not args.slow_env, args.action_repeat),
+            ray_address=args.ray_address,
+        ) as pool:
             pool.map(run_rollout, [(task,) for task in tasks], on_result=on_result)
     except WorkerError as error:
         raise worker_failure(error, rootdir / "worker_error.log") from None
@@ -137,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
-    print(f"generated {len(tasks)} rollouts ({frames} env frames) in {elapsed:.1f}s: {frames / elapsed:.0f} "
-          f"env frames/s with {workers} worker(s); {args.rollouts} rollouts at k={args.action_repeat} in {rootdir}")  # fmt: skip
+    print(
+        f"generated {len(tasks)} rollouts ({frames} env frames) in {elapsed:.1f}s: {frames / elapsed:.0f} "
+        f"env frames/s with {workers} worker(s); {args.rollouts} rollouts at k={args.action_repeat} in {rootdir}"
+    )
     return 0
 
 

@@ -129,7 +129,8 @@ def build_latent_cache(
     )
     if verbose:
         print(
-            f"encoding {len(paths)} rollouts with V ({stage_dir(logdir, 'vae') / BEST}, epoch {state.get('epoch')}) into {path}: {reason}"
+            f"encoding {len(paths)} rollouts with V ({stage_dir(logdir, 'vae') / BEST}, epoch "
+            f"{state.get('epoch')}) into {path}: {reason}"
         )
 
     columns: dict[str, list[np.ndarray]] = {key: [] for key in STEP_KEYS}
@@ -187,7 +188,8 @@ def build_latent_cache(
     if verbose:
         elapsed = time.perf_counter() - start
         print(
-            f"cached {frames} frames of {len(lengths)} rollouts in {elapsed:.1f}s ({frames / max(elapsed, 1e-9):.0f} frames/s)"
+            f"cached {frames} frames of {len(lengths)} rollouts in {elapsed:.1f}s "
+            f"({frames / max(elapsed, 1e-9):.0f} frames/s)"
         )
     return path
 

@@ -13,11 +13,12 @@ recursively, so both work.
 | `terminals` | (T,) | bool | episode ended (terminated or truncated) after action t |
 
 `action_repeat` (a scalar k) says how many env frames one row spans: the agent held each
-action k frames, `rewards` sums them (DESIGN.md, Action repeat); a file without it is k = 1.
+action k frames, `rewards` sums them (docs/design.md, Action repeat); a file without it is k = 1.
 One dataset holds one k (`dataset_action_repeat`). Extra keys (`seed`, `policy`, `env_id`)
-are written too; readers ignore keys they do not know. A file is written under a hidden temporary name and renamed when complete
-(utils.files.atomic_write), so any `rollout_I.npz` present is complete; a killed run only
-leaves hidden temporaries, which `remove_partial_files` deletes. Train/test split is by
+are written too; readers ignore keys they do not know. A file is written under a hidden
+temporary name and renamed when complete (utils.files.atomic_write), so a killed run leaves
+no `rollout_I.npz` half written, only hidden temporaries, which `remove_partial_files` deletes;
+a file damaged later (a full disk, a cut copy) fails `check_rollout`. Train/test split is by
 rollout, never by frame.
 """
 
@@ -131,7 +132,8 @@ def load_rollout(path: str | os.PathLike, keys: Sequence[str] = ROLLOUT_KEYS) ->
         shape, dtype = ROLLOUT_SHAPES[key]
         if value.ndim != 1 + len(shape) or value.shape[1:] != shape or value.dtype != dtype:
             warnings.warn(
-                f"skipping rollout {path}: {key} has shape {value.shape} {value.dtype}, expected (T, {', '.join(map(str, shape))}) {np.dtype(dtype)}",
+                f"skipping rollout {path}: {key} has shape {value.shape} {value.dtype}, expected (T, "
+                f"{', '.join(map(str, shape))}) {np.dtype(dtype)}",
                 stacklevel=2,
             )
             return None
@@ -157,7 +159,11 @@ def check_rollout(path: str | os.PathLike) -> int:
                 raise ValueError(f"missing keys {missing}")
             with archive.open("observations.npy") as member:
                 version = np.lib.format.read_magic(member)
-                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
                 shape, _, dtype = header(member)
             with archive.open("rewards.npy") as member:
                 rewards = np.lib.format.read_array(member)
@@ -165,7 +171,9 @@ def check_rollout(path: str | os.PathLike) -> int:
         raise BadRolloutError(f"unreadable rollout {path}: {type(error).__name__}: {error}") from None
     expected = (len(rewards), MODEL_SIZE, MODEL_SIZE, 3)
     if tuple(shape) != expected or dtype != np.uint8 or len(rewards) == 0:
-        raise BadRolloutError(f"rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8")
+        raise BadRolloutError(
+            f"rollout {path}: observations {tuple(shape)} {dtype}, expected {expected} uint8"
+        )
     return len(rewards)
 
 
@@ -190,7 +198,9 @@ def rollout_action_repeat(path: str | os.PathLike) -> int:
             raise ValueError(f"action_repeat {k!r}")
         return int(k)
     except BAD_FILE_ERRORS as error:
-        raise BadRolloutError(f"cannot read action_repeat of {path}: {type(error).__name__}: {error}") from None
+        raise BadRolloutError(
+            f"cannot read action_repeat of {path}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def dataset_action_repeat(paths: Sequence[str | os.PathLike], root: str | os.PathLike) -> int:

@@ -197,7 +197,7 @@ _GYM_VERSION = _version_tuple(gymnasium.__version__)
 def _reward_text(reward: float) -> str:
     """The reward string upstream's `_render` shows, for the installed gymnasium version."""
     if _compare(_GYM_VERSION, (1, 3)) < 0:
-        return "%04i" % reward  # gymnasium 1.0 .. 1.2
+        return f"{int(reward):04d}"  # gymnasium 1.0 .. 1.2
     if _compare(_GYM_VERSION, (1, 4)) < 0:
         return f"{reward:04}"  # gymnasium 1.3
     return f"{reward:04.0f}"  # gymnasium 1.4
@@ -397,7 +397,7 @@ def _box2d_mul_matches(trials: int = 300) -> bool:
     import Box2D
 
     rng = np.random.default_rng(4321)
-    for i in range(trials):
+    for _ in range(trials):
         transform = Box2D.b2Transform()
         transform.position = tuple(rng.uniform(-400.0, 400.0, size=2).tolist())
         transform.angle = float(rng.uniform(-60.0, 60.0))

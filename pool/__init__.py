@@ -37,14 +37,27 @@ def add_pool_args(parser, workers_alias: str | None = None) -> None:
     worded alike in every script that runs a pool."""
     names = ["--workers", *([workers_alias] if workers_alias else [])]
     also = f"; {workers_alias} is the same flag" if workers_alias else ""
-    parser.add_argument(*names, dest="workers", type=int_in(1, 100_000), default=profile.WORKERS,
-                        help=f"worker processes (default: all CPU cores, {profile.WORKERS} here){also}")  # fmt: skip
-    parser.add_argument("--backend", choices=BACKENDS, default="local",
-                        help="local: worker processes on this machine (default); ray: Ray actors, on a cluster "
-                        f"or a local Ray (needs `{RAY_INSTALL}`)")  # fmt: skip
-    parser.add_argument("--ray-address", metavar="HOST:PORT", default=None,
-                        help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else a local Ray "
-                        "started for this run)")  # fmt: skip
+    parser.add_argument(
+        *names,
+        dest="workers",
+        type=int_in(1, 100_000),
+        default=profile.WORKERS,
+        help=f"worker processes (default: all CPU cores, {profile.WORKERS} here){also}",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local: worker processes on this machine (default); ray: Ray actors, on a cluster "
+        f"or a local Ray (needs `{RAY_INSTALL}`)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        default=None,
+        help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else a local Ray "
+        "started for this run)",
+    )
 
 
 def worker_failure(error: WorkerError, details_path: Path) -> StageError:

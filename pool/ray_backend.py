@@ -160,7 +160,7 @@ def connect(address: str | None, cpus: int) -> bool:
                 f"cannot {where}: its token authentication refused this process; set RAY_AUTH_MODE=token "
                 f"and give it the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN_PATH), or RAY_AUTH_MODE "
                 f"to the cluster's own setting"
-            )
+            ) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
         raise StageError(f"cannot {where} ({type(error).__name__}: {first})") from None
     finally:
@@ -337,7 +337,8 @@ class RayPool(BasePool):
         total = int(ray.cluster_resources().get("CPU", 0))
         if total < self.n_workers:
             self.log(
-                f"warning: the Ray cluster has {total} CPU(s); using {max(total, 1)} worker(s) instead of {self.n_workers}"
+                f"warning: the Ray cluster has {total} CPU(s); using {max(total, 1)} worker(s) "
+                f"instead of {self.n_workers}"
             )
             self.n_workers = max(total, 1)
         self._initializer = _portable(self.initializer)

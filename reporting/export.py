@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     written = export(args.logdir, args.out)
     size = sum(p.stat().st_size for p in written) / 2**20
     print(
-        f"exported {len(written)} files ({size:.1f} MB) to {args.out}; try: python test_controller.py --logdir {args.out} --display"
+        f"exported {len(written)} files ({size:.1f} MB) to {args.out}; try: python test_controller.py "
+        f"--logdir {args.out} --display"
     )
     return 0
 

@@ -177,7 +177,8 @@ def timings_section(report: Report) -> None:
         total += seconds
         last = mine[-1]
         report.add(
-            f"| {stage} | {duration(seconds)} | {len(mine)} | {duration(float(last['seconds']))} | {last['started']} | {last['status']} |"
+            f"| {stage} | {duration(seconds)} | {len(mine)} | {duration(float(last['seconds']))} | "
+            f"{last['started']} | {last['status']} |"
         )
     report.add(f"| **total** | **{duration(total)}** | | | | |", "")
     report.add(
@@ -307,8 +308,10 @@ def ctrl_section(report: Report) -> None:
         report.lack("ctrl/best.pt (no evaluation of the CMA-ES mean yet)", "ctrl")
     else:
         report.add(
-            f"Best evaluation of the CMA-ES mean: **{float(best['eval_return']):.1f} ± {float(best.get('eval_std', math.nan)):.1f}** "
-            f"over {best.get('eval_episodes', '?')} tracks at generation {best.get('generation', '?')} (this C is the one tested).",
+            f"Best evaluation of the CMA-ES mean: **{float(best['eval_return']):.1f} ± "
+            f"{float(best.get('eval_std', math.nan)):.1f}** "
+            f"over {best.get('eval_episodes', '?')} tracks at generation "
+            f"{best.get('generation', '?')} (this C is the one tested).",
             "",
         )
     report.copy(
@@ -372,7 +375,8 @@ def learning_curve_section(report: Report) -> None:
         "| generation | real env frames | wall minutes (C) | return of the CMA-ES mean |",
         "|---|---|---|---|",
         *(
-            f"| {p['generation']:.0f} | {p['env_frames'] / 1e6:.2f} M | {p['wall_min']:.1f} | {p['eval_mean']:.1f} ± {p['eval_std']:.1f} |"
+            f"| {p['generation']:.0f} | {p['env_frames'] / 1e6:.2f} M | {p['wall_min']:.1f} | "
+            f"{p['eval_mean']:.1f} ± {p['eval_std']:.1f} |"
             for p in points
         ),
         "",

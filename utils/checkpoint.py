@@ -51,10 +51,14 @@ def require_checkpoint(
     try:
         state = load_checkpoint(path, map_location)
     except Exception as error:  # corrupt or foreign file: one line, not a traceback
-        raise BadCheckpointError(f"cannot read {path} ({error_line(error)}); rerun `{command} --noreload`")
+        raise BadCheckpointError(
+            f"cannot read {path} ({error_line(error)}); rerun `{command} --noreload`"
+        ) from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
-        raise BadCheckpointError(f"{path} is not a {stage} checkpoint (no {', '.join(missing)}); rerun `{command} --noreload`")
+        raise BadCheckpointError(
+            f"{path} is not a {stage} checkpoint (no {', '.join(missing)}); rerun `{command} --noreload`"
+        )
     return state
 
 
@@ -63,8 +67,11 @@ def check_config(
 ) -> None:
     """Raise BadCheckpointError (one line naming the flags) if `path` was made with other settings."""
     keys = keys if keys is not None else list(wanted)
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {wanted[k]!r})" for k in keys
-             if k in wanted and saved.get(k) != wanted[k]]  # fmt: skip
+    diffs = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {wanted[k]!r})"
+        for k in keys
+        if k in wanted and saved.get(k) != wanted[k]
+    ]
     if diffs:
         raise BadCheckpointError(
             f"{path} was made with {', '.join(diffs)}; resume with the same flags, or --noreload to start afresh"

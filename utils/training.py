@@ -54,7 +54,9 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError("--device cuda asked but no CUDA GPU is visible to torch; use --device cpu or auto")
+        raise BadInputError(
+            "--device cuda asked but no CUDA GPU is visible to torch; use --device cpu or auto"
+        )
     device = torch.device(name)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))  # every core for intra-op math
@@ -175,7 +177,8 @@ def _roll_forward(state: dict[str, Any], last_path: Path, best_path: Path) -> No
         with atomic_write(best_path) as out, open(last_path, "rb") as source:
             shutil.copyfileobj(source, out)  # same payload as the interrupted best.pt write
         print(
-            f"restored {best_path} from {last_path} (epoch {epoch}, the best; the previous run stopped before writing it)"
+            f"restored {best_path} from {last_path} (epoch {epoch}, the best; the previous run "
+            "stopped before writing it)"
         )
 
 
@@ -200,7 +203,9 @@ def _resume(run: TrainingRun, early: EarlyStopping, last_path: Path, best_path: 
         run.scheduler.load_state_dict(state["scheduler"])
         early.load_state_dict(state["early_stopping"])
         torch.set_rng_state(state["torch_rng"])
-        progress = _Progress(int(state["epoch"]), float(state["best_loss"]), state["best_epoch"], list(state["log_rows"]))
+        progress = _Progress(
+            int(state["epoch"]), float(state["best_loss"]), state["best_epoch"], list(state["log_rows"])
+        )
     except BadCheckpointError:
         raise
     except Exception as error:
@@ -229,7 +234,9 @@ def _train_and_test(run: TrainingRun, epoch: int, epochs: int, names: list[str])
     return train, test, train_time
 
 
-def _checkpoint(run: TrainingRun, early: EarlyStopping, progress: _Progress, test_loss: float) -> dict[str, Any]:
+def _checkpoint(
+    run: TrainingRun, early: EarlyStopping, progress: _Progress, test_loss: float
+) -> dict[str, Any]:
     """last.pt's payload after epoch `progress.epoch` (and best.pt's when it improved)."""
     return {
         "state_dict": run.model.state_dict(),
@@ -294,8 +301,10 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
         log.append(progress.rows[-1])
         _plot(run, log_path)
         best = " (best)" if improved else ""
-        print(f"epoch {epoch}: train loss {train['loss']:.5g}, test loss {test['loss']:.5g}{best}, "
-              f"{rate:.0f} {run.unit}s/s")  # fmt: skip
+        print(
+            f"epoch {epoch}: train loss {train['loss']:.5g}, test loss {test['loss']:.5g}{best}, "
+            f"{rate:.0f} {run.unit}s/s"
+        )
         if stopped_early:
             print(f"early stopping: no test-loss improvement in {early.patience} epochs")
             break
