@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from agent.policy import BLOCK, Agent, run_episode, run_episodes
-from agent.population import evaluate_candidates, init_worker
+from agent.population import RealEvaluator, WorkerSpec, init_worker
 from agent.search import Search
 from agent.seeds import train_seeds
 from agent.world import load_world
@@ -157,8 +157,9 @@ def test_fitness_is_mean_of_episode_returns(world):
     rng = np.random.default_rng(0)
     candidates = [rng.normal(scale=0.5, size=count_params(Controller(**config))) for _ in range(2)]
     seeds = train_seeds(0, 1, 2)
-    with WorkerPool(2, init_worker, (str(world), True, config), task_timeout=120) as pool:
-        fitness, returns, steps = evaluate_candidates(pool, candidates, seeds, STEPS)
+    with WorkerPool(2, init_worker, (WorkerSpec(str(world), config, 1, 1),), task_timeout=120) as pool:
+        scores = RealEvaluator(pool, STEPS, envs_per_worker=1).evaluate(candidates, seeds)
+    fitness, returns, steps = scores.fitness, scores.returns, scores.frames
     assert fitness.shape == (2,) and returns.shape == steps.shape == (2, 2)
     agent, env = Agent(vae, mdrnn, Controller(**config)), make_env()
     for p, params in enumerate(candidates):
@@ -172,7 +173,8 @@ def test_fitness_is_mean_of_episode_returns(world):
 
 def test_display_process_drives_best_controller(trained):
     """watch_best (the --display process) opens a window (SDL's virtual one here) and drives best.pt."""
-    code = f"from agent.display import watch_best; watch_best({str(trained['logdir'])!r}, 20, 0, episodes=2)"
+    spec = f"DisplaySpec({str(trained['logdir'])!r}, max_steps=20, seed=0, action_repeat=4, episodes=2)"
+    code = f"from agent.display import DisplaySpec, watch_best; watch_best({spec})"
     env = dict(os.environ, SDL_VIDEODRIVER="dummy")
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
@@ -315,16 +317,19 @@ def _running(pid: int) -> bool:
 
 
 def run_main(capsys, module: str, *args: str) -> str:
-    """A script's main() in this process (no interpreter start-up): its one-line error on stderr."""
+    """A script's main() at its edge (run_script) in this process: its one-line error on stderr, status 2."""
     import importlib
 
-    previous = signal.getsignal(signal.SIGTERM)
+    from utils.cli import run_script
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as info:
-            importlib.import_module(module).main(list(args))
+            run_script(lambda: importlib.import_module(module).main(list(args)))
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert info.value.code == 1
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    assert info.value.code == 2  # bad input
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     return lines[0]
@@ -464,12 +469,9 @@ def test_batched_episodes_return_the_same_as_single_ones(world):
         env.close()
     by_workers = []
     for envs_per_worker in (1, 4):
-        with WorkerPool(
-            2, init_worker, (str(world), True, config, 4, envs_per_worker), task_timeout=120
-        ) as pool:
-            by_workers.append(
-                evaluate_candidates(pool, [params], seeds, 160, None, stall_frames, envs_per_worker)[1]
-            )
+        spec = WorkerSpec(str(world), config, 4, envs_per_worker)
+        with WorkerPool(2, init_worker, (spec,), task_timeout=120) as pool:
+            by_workers.append(RealEvaluator(pool, 160, envs_per_worker, stall_frames).evaluate([params], seeds).returns)
     np.testing.assert_array_equal(by_workers[0], by_workers[1])
     assert by_workers[0][0].tolist() == [r for r, _ in single]
 
@@ -486,10 +488,8 @@ def test_stalled_training_episodes_stop_early_but_evaluations_play_in_full(world
     cut_return, cut_frames = run_episode(env, agent, 5, 400, stall_frames=40)
     assert full_frames == 400 and 40 <= cut_frames < 100
     assert cut_return == pytest.approx(full_return, abs=1e-6)  # no tile either way: -0.1 for every frame
-    with WorkerPool(1, init_worker, (str(world), True, config, 4)) as pool:
-        _, _, frames = evaluate_candidates(
-            pool, [params], [5], 400
-        )  # no stall_frames: the evaluation default
+    with WorkerPool(1, init_worker, (WorkerSpec(str(world), config, 4, 1),)) as pool:
+        frames = RealEvaluator(pool, 400, envs_per_worker=1).evaluate([params], [5]).frames  # no stall: the default
     assert frames.tolist() == [[400]]
     env.close()
 

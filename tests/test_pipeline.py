@@ -1,5 +1,6 @@
-"""The whole pipeline through `make smoke` (every stage for real, toy size), and the report
-and timing helpers on their own, including a run folder with pieces missing.
+"""The whole pipeline through `make smoke` (every stage for real, toy size), the README's
+by-hand commands giving the very same run, and the report and timing helpers on their own,
+including a run folder with pieces missing.
 
 `make smoke` gets PY=<this interpreter>, so it reuses the environment the tests run in and
 never creates or reinstalls .venv.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,12 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from reporting.report import build_report, score_text
 from reporting.timing import read_timings, run_timed
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["data", "vae", "mdrnn", "ctrl", "test"]
+# The Makefile's SMOKE_PROFILE as each script's flags: a by-hand run with these is `make smoke`.
+SMOKE_FLAGS = {
+    "data/generation_script.py": ["--rollouts", "4", "--max-steps", "60"],
+    "trainvae.py": [],
+    "trainmdrnn.py": ["--epochs", "1", "--seq-len", "16"],
+    "traincontroller.py": ["--pop-size", "4", "--n-samples", "1", "--generations", "2", "--eval-every", "1",
+                           "--eval-episodes", "2", "--max-steps", "52"],  # fmt: skip
+    "test_controller.py": ["--episodes", "3", "--max-steps", "52"],
+}
 
 
 def clean_env() -> dict[str, str]:
@@ -32,7 +45,7 @@ def clean_env() -> dict[str, str]:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-def test_make_smoke_runs_every_stage_and_reports(tmp_path):
+def test_by_makemoke_runs_every_stage_and_reports(tmp_path):
     result = subprocess.run(
         ["make", "smoke", f"PY={sys.executable}", f"SMOKE_DIR={tmp_path}", "CTRL_MODE=real"],
         cwd=ROOT,
@@ -79,6 +92,47 @@ def test_make_smoke_runs_every_stage_and_reports(tmp_path):
     timings = read_timings(logdir / "report/timings.csv")
     assert [row["stage"] for row in timings] == STAGES
     assert all(row["status"] == "0" and float(row["seconds"]) > 0 for row in timings)
+
+    # The README's by-hand commands, verbatim but for the smoke profile's sizes, in a folder of
+    # their own (their default paths): the same rollouts, V, M, C and test returns, bit for bit.
+    by_hand = tmp_path / "by_hand"
+    by_hand.mkdir()
+    commands = readme_commands()
+    assert [c[1] for c in commands] == list(SMOKE_FLAGS)
+    for command in commands:
+        script = command[1]
+        run = subprocess.run([sys.executable, str(ROOT / script), *command[2:], *SMOKE_FLAGS[script]],
+                             cwd=by_hand, env=clean_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, f"{command}: {run.stdout[-2000:]}\n{run.stderr[-2000:]}"
+    dataset = by_hand / "datasets/carracing-k4"  # the default profile's folder
+    made = sorted(p.relative_to(tmp_path / "dataset") for p in (tmp_path / "dataset").rglob("rollout_*.npz"))
+    assert made == sorted(p.relative_to(dataset) for p in dataset.rglob("rollout_*.npz"))
+    for name in made:
+        assert (dataset / name).read_bytes() == (tmp_path / "dataset" / name).read_bytes()
+    for name in ["vae/best.pt", "mdrnn/best.pt", "ctrl/best.pt", "ctrl/last.pt"]:
+        ours, by_make = (torch.load(folder / name, weights_only=True) for folder in (by_hand / "logs", logdir))
+        for key in ("state_dict", "fitness"):
+            if key in by_make:
+                assert_same_tensors(ours[key], by_make[key], f"{name} {key}")
+    assert (by_hand / "logs/ctrl/eval/returns.csv").read_text() == (logdir / "ctrl/eval/returns.csv").read_text()
+
+
+def readme_commands() -> list[list[str]]:
+    """The by-hand pipeline block of the README: one command per stage, `[...]` options dropped."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- by-hand pipeline -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md has no by-hand pipeline block"
+    lines = [re.sub(r"\[[^]]*\]", "", line).split("#")[0] for line in block.group(1).splitlines()]
+    return [shlex.split(line) for line in lines if line.strip()]
+
+
+def assert_same_tensors(a, b, what: str) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+    else:
+        assert torch.equal(a, b), what
 
 
 def test_timing_records_every_run_even_failures(tmp_path):
