@@ -55,7 +55,7 @@ def random_actions(
 def generate_rollout(
     env, index: int, seed: int = 0, policy: str = "brown", max_steps: int = MAX_EPISODE_STEPS
 ) -> dict[str, np.ndarray]:
-    """Play one episode of rollout `index` in `env` and return its arrays (DESIGN.md layout).
+    """Play one episode of rollout `index` in `env` and return its arrays (docs/design.md, File formats).
 
     One row per `env.step`: on an `ActionRepeat(k)` env that is one agent step of k frames
     (reward summed over them), and the Brownian walk moves k/50 per step, so it drives alike

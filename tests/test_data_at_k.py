@@ -2,7 +2,7 @@
 
 A rollout at k = 4 must be what an agent holding each action 4 frames sees: its rows equal
 stepping the plain env by hand, a dataset never mixes two k, and every stage downstream
-takes k from the files (DESIGN.md, Action repeat).
+takes k from the files (docs/design.md, Action repeat).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The layers of shared/DESIGN.md as a contract: imports only point down, no cycles, no dodges.
+"""The layers of docs/design.md as a contract: imports only point down, no cycles, no dodges.
 
 Every .py file of the project is parsed (nothing is imported or run). A project import must
 go to the importer's own layer or a lower one; the file-level import graph must be acyclic;
