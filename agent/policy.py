@@ -1,11 +1,10 @@
 """The policy in the real env: raw frames -> V -> z -> C(z, h) -> actions, with M carrying h.
 
 Everything runs on the CPU by default, one torch thread per process. An agent drives a small
-batch of episodes side by side (one env each) and V, C and M step them as one batch: for a
-batch of one the VAE's small convolutions cost about a millisecond per frame on a CPU core,
-as much as the env step, and a batch of four halves that. An episode's return is the same to
-the bit whether it ran alone or in a batch (Agent pads every batch to blocks of BLOCK rows).
-Parallelism beyond the batch comes from pool workers running separate tasks.
+batch of episodes side by side (one env each) and V, C and M step them as one batch, which
+costs less per frame than one episode at a time (README, Speed). An episode's return is the
+same to the bit whether it ran alone or in a batch (Agent pads every batch to blocks of BLOCK
+rows). Parallelism beyond the batch comes from pool workers running separate tasks.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ class Agent:
 
     Per step: frames (B, 96, 96, 3) -> model frames (B, 64, 64, 3) -> z = mu of V (no sampling,
     so an episode is a deterministic function of its seed) -> a = C(z, h) -> M steps on (z, a)
-    to give the h the controller sees next. One call encodes the whole batch: a batch-of-one
-    V encode costs about as much as the env step itself, a batch of 4 about half that per frame.
+    to give the h the controller sees next. One call encodes the whole batch.
 
     CarRacing is chaotic: an action that differs in its last bit changes a pixel a few steps
     later and the track's outcome soon after. CPU kernels round differently for different

@@ -1,8 +1,8 @@
 """The latent cache: every rollout encoded ONCE by V, for M and for the dream environment.
 
 M trains on sequences of V's latents. Re-encoding frames with V at every batch (as the public
-PyTorch port does) spends almost all of M's epoch in V's encoder, and re-reads ~12 MB of
-compressed frames per rollout per epoch. Instead, V's posterior (mu, log sigma) of every
+PyTorch port does) spends most of M's epoch in V's encoder and re-reads every compressed
+frame each epoch (README, Speed: bench_mdrnn.py). Instead, V's posterior (mu, log sigma) of every
 frame is computed once and stored with the actions, rewards and terminals; M then samples
 z = mu + sigma * eps from it each batch, which is exactly what re-encoding would give.
 

@@ -1,82 +1,10 @@
 """A faster gymnasium CarRacing whose observations are bit-identical to upstream's.
 
-Why: profiling ``CarRacing-v3`` shows ~98% of a step spent rendering the 96x96 observation.
-Every step upstream transforms and culls all ~800 grass and road polygons in Python (one
-``pygame.math.Vector2`` per vertex), fills the background square through a scan-line loop over
-~15,000 rows (most of them off-screen), loads the font file and rasterises the reward glyphs
-from scratch, allocates fresh 1000x800 surfaces, flips one of them and smooth-scales it to
-96x96. Physics is under 1%.
-
-What this module does instead, and why each piece leaves every observed pixel unchanged:
-
-* **Vectorised transform and culling** (:func:`_transform_xy`, :func:`_drawn`): the same IEEE
-  double operations pygame's ``Vector2.rotate_rad`` performs (``cos*x - sin*y``,
-  ``sin*x + cos*y``), then upstream's ``*zoom + translation``, done by numpy on all vertices at
-  once, followed by upstream's culling comparisons. ``cos``/``sin`` come from pygame itself
-  (rotating ``(1, 0)``), so its angle normalisation and exact 0/90/180/270-degree special cases
-  carry over. A one-time self-check compares numpy with ``Vector2`` bit for bit; if a platform
-  ever disagreed (e.g. a pygame build fusing multiply-adds) a per-vertex ``Vector2`` path runs.
-  Surviving polygons are drawn with the same ``gfxdraw`` calls, in the same order, with the same
-  float coordinates and colour objects as upstream.
-* **Skipping polygons that cannot show**: of the polygons upstream's generous culling box
-  keeps, about half lie entirely outside the part of the canvas that reaches the observation.
-  Integer truncation, the scan-line rounding and the antialiased outline move a polygon's
-  pixels at most ~2 px beyond its vertices, so one whose vertices are all more than
-  :data:`_OFFSCREEN_MARGIN` px beyond one side writes no visible pixel. Dropping it changes no
-  other pixel either: every pixel's value depends only on the writes to that pixel.
-* **Per-episode caches**: the 400 grass squares never change (module constant); road polygon
-  vertices are fixed once the track is built (cached per ``road_poly`` list). Road *colours*
-  are read every frame like upstream, because tiles change their colour in place on contact.
-* **Background**: upstream draws the playfield square with ``aapolygon`` + ``filled_polygon`` on
-  a black surface. When the square contains the window grown by :data:`_BG_MARGIN` px (almost
-  every frame after the zoom-in) every window pixel is that far inside each edge: the scan-line
-  fill writes the (opaque) background colour to all of them and the outline touches none. So a
-  ``Surface.fill`` with the pixel value ``filled_polygon`` itself writes (read back from a 4x4
-  scratch surface) is the same image. Otherwise (zoom-in, playfield edge) the exact upstream
-  calls run on a black surface.
-* **The car** (state_pixels only, :meth:`_draw_car`): ``Car.draw`` maps each vertex with
-  Box2D's ``transform * v`` (float32 arithmetic) and a ``Vector2`` rotation. Here all ~40
-  vertices go through numpy at once: float32 ``(c*x - s*y) + p`` (checked bit for bit against
-  Box2D once per process, else upstream's ``Car.draw`` is used), then the same float64
-  transform as above; the same ``draw.polygon`` calls follow in the same order. Modes that show
-  tyre particles ("human", "rgb_array") use upstream's ``Car.draw`` unchanged.
-* **Font and reward text**: the font is loaded once and the rendered reward text is reused
-  while the formatted string is unchanged (same font, same string -> same surface).
-* **Surfaces reused** (same pixel format upstream's fresh ones get), so no per-frame 3 MB
-  allocations and page faults; the final (96, 96, 3) array is copied straight out of the raw
-  pixel bytes (:func:`_rgb_array`), the same values as upstream's ``pixels3d`` transpose.
-* **Status bar and flip folded into the scaling** (state_pixels only, :meth:`_state_pixels`):
-  upstream flips the 1000x800 canvas, paints the status bar over rows 700-799 (an opaque black
-  rectangle that covers those rows completely, then opaque bars and opaque text), and
-  smooth-scales to 96x96. pygame's ``smoothscale`` shrinks X first, row by row, then Y.
-  Shrinking X commutes with reordering rows, so the X pass of the canvas part is computed
-  unflipped and its 96-pixel rows are reversed afterwards (a 96x700 copy instead of a 1000x800
-  flip); the status bar is drawn with the exact upstream calls on its own surface and shrunk
-  in X separately; the two are stacked into the same 96x800 intermediate ``smoothscale`` builds
-  internally, and its Y pass is run on that. Canvas rows 0-99 (which end up under the status
-  bar) are never needed. If a bar would reach above row 700 (a wheel spinning very fast), a
-  sentinel row detects it and that frame takes the plain flip-and-scale path. The premise
-  (X before Y, row by row) is an implementation detail of pygame's smoothscale, so it is
-  checked once per process on random images (:func:`_split_scale_matches`); if it ever failed
-  on some pygame build, every frame would take the plain path.
-
-**Skipped frames** (action repeat, :attr:`FastCarRacing.skip_render`): a step whose
-observation nobody will look at can skip its "state_pixels" render altogether. Every cache
-above is keyed by what it depends on (track list, car object, colour, reward string), never by
-"the previous frame", so the next frame drawn is the same whether or not frames were skipped.
-A skipped frame can still be drawn exactly after its step (:meth:`FastCarRacing.draw_skipped_frame`):
-between the render inside ``step`` and the end of ``step`` only ``self.reward`` (the -0.1)
-changes among what a frame shows, and the value it had at render time is kept.
-
-Nothing in physics, rewards, termination or ``info`` is touched: ``step`` is gymnasium's own,
-``reset`` only clears the skip flag before calling it; only ``_render``/``_render_road``/
-``_create_image_array`` are replaced (``Car.draw`` is bypassed, not changed).
-``render_mode`` "human"/"rgb_array" use the same drawing with the plain flip-and-scale tail.
-
-The reward-text format and a ``pygame.init()`` in human mode are the only rendering
-differences in ``car_racing.py`` across gymnasium 1.0 .. 1.4; both follow the installed
-version. :data:`VERIFIED_GYMNASIUM` is the range the bit-exact tests passed with;
-:func:`fast_env_supported` lets callers fall back to upstream outside it.
+Rendering the 96x96 observation is almost all of a CarRacing step upstream; this subclass
+draws the same pixels with vectorised transforms, culling and per-episode caches, each piece
+argued to leave every observed pixel unchanged in docs/fast_carracing.md, and checked against
+gymnasium's own env by tests/test_fast_carracing.py (envs/carracing.py falls back to
+gymnasium's env outside the verified versions).
 """
 
 from __future__ import annotations
