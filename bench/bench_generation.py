@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from data.carracing import random_actions, rollout_seeds  # noqa: E402
-from data.generation_script import RolloutTask, init_worker, run_rollout  # noqa: E402
+from data.generation_script import EnvSpec, RolloutTask, init_worker, run_rollout  # noqa: E402
 from data.rollouts import rollout_path  # noqa: E402
 from envs.carracing import make_env  # noqa: E402
 from pool.local import WorkerPool  # noqa: E402
@@ -57,7 +57,9 @@ def generation(workers: int, rollouts: int, steps: int, fast: bool) -> tuple[flo
             for i in range(rollouts)
         ]
         t0 = time.perf_counter()
-        with WorkerPool(workers, init_worker, (fast, 1)) as pool:  # k = 1: a row is a frame
+        with WorkerPool(
+            workers, init_worker, (EnvSpec(action_repeat=1, fast=fast),)
+        ) as pool:  # a row is a frame
             pool.map(len, [((),)] * workers)  # wait until every worker has started
             t1 = time.perf_counter()
             frames = sum(pool.map(run_rollout, tasks))

@@ -50,9 +50,17 @@ class RolloutTask:
     max_steps: int
 
 
-def init_worker(fast: bool, action_repeat: int) -> None:
+@dataclass(frozen=True)
+class EnvSpec:
+    """The env a worker makes once: the fast renderer or gymnasium's, acting every k frames."""
+
+    action_repeat: int
+    fast: bool = True
+
+
+def init_worker(spec: EnvSpec) -> None:
     global _env
-    _env = make_env(fast=fast, action_repeat=action_repeat)
+    _env = make_env(fast=spec.fast, action_repeat=spec.action_repeat)
 
 
 def run_rollout(task: RolloutTask) -> int:
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             args.backend,
             workers,
             init_worker,
-            (not args.slow_env, args.action_repeat),
+            (EnvSpec(args.action_repeat, fast=not args.slow_env),),
             ray_address=args.ray_address,
         ) as pool:
             pool.map(run_rollout, [(task,) for task in tasks], on_result=on_result)
