@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to do: {reason} (raise --generations to go on, or --noreload to start afresh)")
         return 0
 
-    k, started, frames_before = settings["action_repeat"], time.perf_counter(), search.frames
+    k, started, frames_before, dream_steps = settings["action_repeat"], time.perf_counter(), search.frames, 0
     dream = (
         DreamEvaluator(args.logdir, settings["temperature"], -(-args.max_steps // k))
         if settings["dream"]
@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                     spent.append(eval_scores)
                     reason = stop_reason(search, args)
                 search.account(spent, time.perf_counter() - t0)
+                dream_steps += sum(s.dream_steps for s in spent)
                 save_checkpoint(last_path, search.state())
                 log.append(
                     row
@@ -411,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"C: stopped after generation {search.generation}: {reason}; {best}; {minutes:.1f} min, "
         f"{search.frames - frames_before} real env frames ({search.frames} in all)"
+        + (f", {dream_steps} dream steps" if dream_steps else "")
     )
     return 0
 

@@ -47,6 +47,8 @@ def measure(tmp: Path) -> dict:
         "1",
         "--max-steps",
         "40",
+        "--action-repeat",
+        "1",
         "--seed",
         "5",
     )

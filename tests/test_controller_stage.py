@@ -320,16 +320,9 @@ def run_main(capsys, module: str, *args: str) -> str:
     """A script's main() at its edge (run_script) in this process: its one-line error on stderr, status 2."""
     import importlib
 
-    from utils.cli import run_script
+    from script_edge import exit_status
 
-    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as info:
-            run_script(lambda: importlib.import_module(module).main(list(args)))
-    finally:
-        signal.signal(signal.SIGTERM, previous[0])
-        signal.signal(signal.SIGINT, previous[1])
-    assert info.value.code == 2  # bad input
+    assert exit_status(importlib.import_module(module).main, list(args)) == 2  # bad input
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     return lines[0]
@@ -366,7 +359,7 @@ def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
         },
     )
     line = run_main(capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "4")
-    assert "hidden_size=32" in line and "--noreload" in line
+    assert "--hidden-size 32 (this run: 16)" in line and "--noreload" in line
     line = run_main(capsys, "test_controller", "--logdir", str(logdir), "--episodes", "1")
     assert "hidden 32" in line and "--noreload" in line
 

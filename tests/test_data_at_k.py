@@ -13,6 +13,7 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from script_edge import exit_status  # noqa: E402
 from test_controller_stage import assert_one_line_error, make_world, run_script  # noqa: E402
 
 from data.carracing import generate_rollout, random_actions, rollout_seeds  # noqa: E402
@@ -26,6 +27,9 @@ from data.rollouts import (
     save_rollout,
 )  # noqa: E402
 from envs.carracing import make_env, to_model_frame  # noqa: E402
+from models.controller import Controller  # noqa: E402
+from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.errors import BadRolloutError  # noqa: E402
 
 
 def test_rollout_at_k_is_the_plain_env_stepped_by_hand():
@@ -71,7 +75,7 @@ def test_k_is_read_from_each_file_and_a_mix_is_refused(tmp_path):
     assert rollout_action_repeat(tmp_path / "b" / "rollout_1.npz") == 1
     assert load_rollout(tmp_path / "b" / "rollout_1.npz") is not None  # still a valid k = 1 rollout
     paths = [p for _, p in find_rollouts(tmp_path)]
-    with pytest.raises(ValueError, match="mixes rollouts of different action repeats"):
+    with pytest.raises(BadRolloutError, match="mixes rollouts of different action repeats"):
         dataset_action_repeat(paths, tmp_path)
     assert dataset_action_repeat(paths[:1], tmp_path) == 2
 
@@ -96,9 +100,8 @@ def test_generation_refuses_another_k_in_the_same_folder(tmp_path, capsys):
     )
     assert rollout_action_repeat(find_rollouts(tmp_path)[0][1]) == 4
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        generate(["--rollouts", "2", "--rootdir", str(tmp_path), "--threads", "1", "--max-steps", "8"])
-    assert stop.value.code == 1
+    argv = ["--rollouts", "2", "--rootdir", str(tmp_path), "--threads", "1", "--max-steps", "8", "--action-repeat", "1"]
+    assert exit_status(generate, argv) == 2
     assert "holds rollouts at --action-repeat 4, not 1" in capsys.readouterr().err
     assert len(find_rollouts(tmp_path)) == 1  # nothing generated at the other k
 
@@ -127,10 +130,14 @@ def test_latent_cache_carries_k(tmp_path):
     assert meta["action_repeat"] == 3 and meta["frames"] == 2 * 4
 
 
-def test_controller_refuses_a_k_other_than_ms(tmp_path):
+def test_a_controller_of_another_k_than_ms_is_refused(tmp_path):
+    """C takes its k from M (traincontroller.py has no flag for it); test_controller.py refuses a
+    best.pt whose k is not M's, in one line naming the command that retrains C."""
     logdir = make_world(tmp_path, action_repeat=4)
-    result = run_script(
-        "traincontroller.py", "--logdir", str(logdir), "--action-repeat", "2", "--generations", "1"
-    )
-    assert_one_line_error(result, "--action-repeat 2", "k=4")
-    assert not (logdir / "ctrl" / "last.pt").exists()
+    config = {"latent_size": 8, "hidden_size": 16, "action_size": 3}
+    best = {"state_dict": Controller(**config).state_dict(), "config": config, "generation": 1, "action_repeat": 2}
+    save_checkpoint(logdir / "ctrl" / "best.pt", best)
+    result = run_script("test_controller.py", "--logdir", str(logdir), "--episodes", "1")
+    assert result.returncode == 2
+    assert_one_line_error(result, "acts every 2 frames", "k=4", "traincontroller.py")
+    assert not (logdir / "ctrl" / "eval").exists()

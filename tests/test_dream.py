@@ -162,7 +162,7 @@ def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
         [sys.executable, str(root / "traincontroller.py"), *args], capture_output=True, text=True, timeout=240
     )
     assert result.returncode == 0, result.stderr
-    assert "in the dream (tau 1.15)" in result.stdout and "dream steps" in result.stdout
+    assert "in M's dream (tau 1.15)" in result.stdout and "dream steps" in result.stdout
     with open(tmp_path / "ctrl" / "log.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["generation"] for r in rows] == ["1", "2"]

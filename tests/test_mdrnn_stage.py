@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from script_edge import exit_status
 import torch
 
 from agent.world import load_mdrnn
@@ -185,8 +186,7 @@ def test_long_sequences_partial_batches_and_exact_resume(tiny_dataset, tmp_path,
 
     # V retrained since: resuming M on latents of another V is refused in one line
     write_vae(resumed, weights_seed=7, test_fraction=0.5, seed=1)
-    with pytest.raises(SystemExit):
-        trainmdrnn.main(["--logdir", str(resumed), *args, "--epochs", "3"])
+    assert exit_status(trainmdrnn.main, ["--logdir", str(resumed), *args, "--epochs", "3"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "--noreload" in err[0]
 
@@ -209,18 +209,15 @@ def test_size_mismatch_suggests_noreload(trained, tiny_dataset):
         "--epochs",
         "2",
     )
-    assert_one_line_error(result, "--noreload", "hidden_size")
+    assert_one_line_error(result, "--noreload", "--hidden-size 16 (this run: 32)")
 
 
 def test_no_dataset_names_generation_and_help(tmp_path, capsys):
     import trainmdrnn
 
     write_vae(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        trainmdrnn.main(
-            ["--logdir", str(tmp_path), "--dataset", str(tmp_path / "nowhere"), "--device", "cpu"]
-        )
-    assert stop.value.code != 0
+    argv = ["--logdir", str(tmp_path), "--dataset", str(tmp_path / "nowhere"), "--device", "cpu"]
+    assert exit_status(trainmdrnn.main, argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "generation_script.py" in err[0]
     assert not cache_path(tmp_path).exists()

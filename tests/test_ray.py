@@ -173,7 +173,7 @@ def test_backend_ray_without_ray_says_how_to_install(script, args, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, text=True, capture_output=True, timeout=120
     )
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr  # bad input: --backend ray without Ray
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install -r requirements-ray.txt" in lines[0], result.stderr

@@ -189,7 +189,7 @@ class _Progress:
     epoch: int = 0
     best_loss: float = math.inf
     best_epoch: int | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)  # log.csv's rows of the committed epochs
+    rows: list[dict[str, Any]] | None = field(default_factory=list)  # log.csv's rows of the committed epochs
 
 
 def _resume(run: TrainingRun, early: EarlyStopping, last_path: Path, best_path: Path) -> _Progress:
@@ -203,9 +203,13 @@ def _resume(run: TrainingRun, early: EarlyStopping, last_path: Path, best_path: 
         run.scheduler.load_state_dict(state["scheduler"])
         early.load_state_dict(state["early_stopping"])
         torch.set_rng_state(state["torch_rng"])
-        progress = _Progress(
-            int(state["epoch"]), float(state["best_loss"]), state["best_epoch"], list(state["log_rows"])
-        )
+        best_epoch = (
+            state["best_epoch"] if "best_epoch" in state else _saved_epoch(best_path)
+        )  # an older last.pt
+        rows = (
+            list(state["log_rows"]) if "log_rows" in state else None
+        )  # None: an older last.pt (log.csv has them)
+        progress = _Progress(int(state["epoch"]), float(state["best_loss"]), best_epoch, rows)
     except BadCheckpointError:
         raise
     except Exception as error:
@@ -270,7 +274,9 @@ def fit(run: TrainingRun, epochs: int, noreload: bool = False) -> dict[str, Any]
     else:
         progress = _resume(run, early, last_path, best_path)
     log = CSVLog(log_path, fields, keep_before=progress.epoch + 1)
-    if progress.rows:  # exactly the committed epochs' rows, whatever a kill left in the file
+    if progress.rows is None:  # a last.pt from before log_rows: from now on they are kept there too
+        progress.rows = [{k: v for k, v in row.items() if k in fields} for row in log.read()]
+    elif progress.rows:  # exactly the committed epochs' rows, whatever a kill left in the file
         _write_log(log_path, fields, progress.rows)
         _plot(run, log_path)
     if early.triggered():
