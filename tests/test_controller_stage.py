@@ -369,7 +369,7 @@ def test_checkpoint_for_other_sizes_suggests_noreload(tmp_path, capsys):
     line = run_main(
         capsys, "traincontroller", "--logdir", str(logdir), "--pop-size", "8"
     )  # the saved es samples 4
-    assert "pop_size=4" in line and "--noreload" in line
+    assert "--pop-size 4 (this run: 8)" in line and "--noreload" in line
 
 
 class _RunsCode:
