@@ -45,7 +45,7 @@ def clean_env() -> dict[str, str]:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-def test_by_makemoke_runs_every_stage_and_reports(tmp_path):
+def test_make_smoke_runs_every_stage_and_reports(tmp_path):
     result = subprocess.run(
         ["make", "smoke", f"PY={sys.executable}", f"SMOKE_DIR={tmp_path}", "CTRL_MODE=real"],
         cwd=ROOT,
