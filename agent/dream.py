@@ -22,21 +22,27 @@ import torch
 
 from agent.display import display_problem
 from agent.population import Scores
-from agent.world import load_dream_starts, load_mdrnn, load_vae
+from agent.world import load_dream_starts, load_mdrnn, load_vae, world_action_repeat
+from envs.carracing import MAX_EPISODE_STEPS
 from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, episode_noise
 from models.controller import batched_actions
 from models.mdrnn import MDRNNCell
+from utils import profile
 from utils.cli import ArgumentParser, positive_float, positive_int
 
 
 def make_dream_env(
     logdir: str | Path,
-    temperature: float = 1.0,
+    temperature: float = profile.TEMPERATURE,
     render_mode: str | None = None,
-    max_steps: int = DEFAULT_MAX_STEPS,
+    max_steps: int | None = None,
 ) -> SimulatedCarRacing:
-    """`SimulatedCarRacing` with M, the start latents and (for rendering) V from `logdir`."""
+    """`SimulatedCarRacing` with M, the start latents and (for rendering) V from `logdir`.
+
+    An episode is at most `max_steps` M steps; by default the real env's 1000 frames at M's k.
+    """
     vae = load_vae(logdir) if render_mode is not None else None
+    max_steps = max_steps or -(-MAX_EPISODE_STEPS // world_action_repeat(logdir))
     return SimulatedCarRacing(
         load_mdrnn(logdir), load_dream_starts(logdir), vae, temperature, render_mode, max_steps
     )
@@ -217,7 +223,10 @@ if __name__ == "__main__":
     parser = ArgumentParser(description="Drive CarRacing as dreamed by M, with the arrow keys.")
     parser.add_argument("--logdir", required=True, help="logdir holding vae/, mdrnn/ and the latent cache")
     parser.add_argument(
-        "--temperature", type=positive_float, default=1.0, help="dream temperature tau (default 1.0)"
+        "--temperature",
+        type=positive_float,
+        default=profile.TEMPERATURE,
+        help=f"dream temperature tau (default {profile.TEMPERATURE})",
     )
     parser.add_argument("--episodes", type=positive_int, default=3, help="episodes to play (default 3)")
     parser.add_argument(
