@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from agent.display import WindowClosed, check_window_open, open_window_env
 from agent.policy import Agent, run_episode
-from agent.population import RealEvaluator, WorkerSpec, add_agent_pool_args, init_worker, task_count
+from agent.population import RealEvaluator, add_agent_pool_args, make_agent_pool, task_count
 from agent.seeds import holdout_seeds
 from agent.world import load_best_controller, load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS, make_env
-from pool import WorkerError, check_backend, make_pool, worker_failure
+from pool import WorkerError, check_backend, worker_failure
 from utils import profile
 from utils.cli import ArgumentParser, int_in, run_script, seed_int, stage_command, writable_dir, writable_file
 from utils.errors import BadCheckpointError
@@ -96,17 +96,8 @@ def watch(agent: Agent, seeds: list[int], args: argparse.Namespace, k: int) -> l
 def play_in_pool(agent: Agent, seeds: list[int], args: argparse.Namespace, k: int) -> list[tuple[float, int]]:
     """The episodes in parallel on a worker pool; [(return, frames)] in the order of `seeds`."""
     workers = min(args.workers, task_count(1, len(seeds), args.envs_per_worker))
-    spec = WorkerSpec(args.logdir, agent.controller.config, k, args.envs_per_worker, fast=not args.slow_env)
     with (
-        make_pool(
-            args.backend,
-            workers,
-            init_worker,
-            (spec,),
-            task_timeout=args.task_timeout * args.envs_per_worker,
-            log=lambda text: tqdm.write(text, file=sys.stderr),
-            ray_address=args.ray_address,
-        ) as pool,
+        make_agent_pool(args, agent.controller.config, k, workers) as pool,
         tqdm(total=len(seeds), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar,
     ):
         evaluator = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # full episodes

@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from agent.display import DisplaySpec, display_problem, watch_best
 from agent.dream import DreamEvaluator
-from agent.population import RealEvaluator, Scores, WorkerSpec, add_agent_pool_args, init_worker, task_count
+from agent.population import RealEvaluator, Scores, add_agent_pool_args, make_agent_pool, task_count
 from agent.search import Search
 from agent.seeds import eval_seeds, train_seeds
 from agent.world import load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS
-from pool import WorkerError, check_backend, make_pool, worker_failure
+from pool import WorkerError, check_backend, worker_failure
 from utils import profile
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
 from utils.cli import (
@@ -324,21 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         [] if dream else [(args.pop_size, args.n_samples)]
     )  # what the pool plays
     workers = min(args.workers, max(task_count(*m, args.envs_per_worker) for m in maps))  # no idle workers
-    spec = WorkerSpec(args.logdir, config, k, args.envs_per_worker, fast=not args.slow_env)
     where = f"in M's dream (tau {settings['temperature']:g}), evaluated on" if dream else "on"
     try:
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(
-                make_pool(
-                    args.backend,
-                    workers,
-                    init_worker,
-                    (spec,),
-                    task_timeout=args.task_timeout * args.envs_per_worker,
-                    log=lambda text: tqdm.write(text, file=sys.stderr),
-                    ray_address=args.ray_address,
-                )
-            )
+            pool = stack.enter_context(make_agent_pool(args, config, k, workers))
             real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # evaluations: full episodes
             scorer = dream or RealEvaluator(
                 pool, args.max_steps, args.envs_per_worker, settings["stall_frames"] or None

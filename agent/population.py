@@ -10,6 +10,7 @@ dataclass (`WorkerSpec`, `EpisodesTask`), never a positional tuple.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from agent.policy import BLOCK, Agent, run_episodes
 from agent.world import load_world
 from envs.carracing import make_env
 from models.controller import Controller
-from pool import add_pool_args
+from pool import add_pool_args, make_pool
 from utils import profile
 from utils.cli import int_in, positive_float
 from utils.params import set_flat_params
@@ -89,6 +91,20 @@ def add_agent_pool_args(parser, workers_alias: str | None = None) -> None:
     )
     add("--slow-env", action="store_true", help="use gymnasium's own (slower) CarRacing renderer")
     add_pool_args(parser, workers_alias)
+
+
+def make_agent_pool(args, config: dict[str, int], action_repeat: int, workers: int):
+    """A started pool of `init_worker` workers, from the flags of `add_agent_pool_args` (and --logdir)."""
+    spec = WorkerSpec(args.logdir, config, action_repeat, args.envs_per_worker, fast=not args.slow_env)
+    return make_pool(
+        args.backend,
+        workers,
+        init_worker,
+        (spec,),
+        task_timeout=args.task_timeout * args.envs_per_worker,
+        log=lambda text: tqdm.write(text, file=sys.stderr),
+        ray_address=args.ray_address,
+    )
 
 
 def init_worker(spec: WorkerSpec) -> None:
