@@ -1,32 +1,48 @@
 """Fault injection: every stage, killed with SIGKILL at its N-th file write or fed a damaged file.
 
 A tiny but real pipeline (4 rollouts of 12 agent steps at k = 4, 2 epochs of V and M, 2
-CMA-ES generations, 2 test episodes) runs once uninterrupted: the reference. Then, per stage:
+CMA-ES generations, 2 test episodes) runs once uninterrupted: the reference. It also counts
+each stage's atomic writes (WORLD_MODELS_KILL_COUNTER, utils/files.py): WRITES must match,
+so "every write" below is every write. Then, per stage:
 
-- **kill -9 inside every write.** `WORLD_MODELS_KILL_AT_WRITE=N` (utils/files.py) makes the
-  stage's processes SIGKILL themselves inside their N-th atomic write, after the temporary file
-  is written and before the rename; in the data stage that hits the pool workers, in the
-  others the main process. The same command rerun must finish, leave no temporary file, every
-  file must load, and the stage's results must equal the reference (checkpoint tensors, logs
-  without their clock columns, rollout bytes, test returns).
+- **kill -9 inside every write.** `WORLD_MODELS_KILL_AT_WRITE=N` (utils/files.py) SIGKILLs
+  the run inside its N-th atomic write (counted across the main process and its pool workers),
+  after the temporary file is written and before the rename; when the writer is a pool worker
+  (the data stage) its main process is killed first, so the command dies as under `kill -9`.
+  The test first checks that the kill happened (the command died by SIGKILL and left the
+  hidden temporary of the write it was killed in), then that the same command rerun finishes,
+  leaves no temporary file, every file loads, and the stage's results equal the reference
+  (checkpoint tensors, logs without their clock columns, rollout bytes, test returns).
 - **damaged inputs.** Each file the stage reads is replaced in turn by random bytes, a
   truncated copy, a valid file of the wrong kind and a pickle that would run code: one line
   on stderr naming the file, no traceback, no code run, and a non-zero exit where the stage
   cannot go on (a bad rollout among good ones, or a bad best.pt beside a good last.pt, is
   skipped or repaired with a warning instead).
 
-The full suite is `make faults` (`pytest -m faults`, a few minutes on 2 cores); `make test`
-runs one kill point per stage and every damaged-input case.
+Every case here is marked `faults`: `make faults` (`pytest -m faults tests/test_faults.py`)
+runs them all. `make test` (pytest.ini deselects `faults_extra`) runs every damaged-input
+case, the write count check and a sample of the kill points (KILL_SAMPLE: a pool worker's
+kill in data, a kill inside M's epoch loop, one in the test episodes; about 40 s of the
+2 minutes all 30 take).
+
+The stages run as a user runs them, `python SCRIPT ARGS` in a process of their own, but
+forked from a helper that has imported torch and the project once (`Stages`), so that the
+~60 runs do not each pay seconds of interpreter start-up; see `ZYGOTE`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -37,7 +53,9 @@ from PIL import Image
 
 from data.rollouts import load_rollout
 from utils.checkpoint import load_checkpoint
-from utils.files import is_temp_file
+from utils.files import is_temp_file, temp_name
+
+pytestmark = pytest.mark.faults  # `make faults` runs every case of this file
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("data", "vae", "mdrnn", "ctrl", "test")
@@ -116,24 +134,147 @@ CLOCK_KEYS = {
     "seconds",
     "log_rows",
 }  # checkpoint entries that hold wall time (log_rows: compared via log.csv)
-FIRST_KILL = {"data": 1, "vae": 3, "mdrnn": 4, "ctrl": 3, "test": 1}  # the kill point `make test` runs
+WRITES = {"data": 4, "vae": 6, "mdrnn": 10, "ctrl": 8, "test": 2}  # atomic writes per stage, uninterrupted
+KILL_SAMPLE = {("data", 2), ("mdrnn", 4), ("test", 1)}  # the kill points `make test` runs (cheap stages)
+KILL_COUNTER = "write_count"  # in the run root: its atomic writes, one byte each (WORLD_MODELS_KILL_COUNTER)
+
+# The helper the stages are forked from: it imports what the scripts import, once, then for
+# each request (one JSON line on stdin) forks a child that becomes `python SCRIPT ARGS`: the
+# request's cwd, environment and stdout/stderr files, stdin from /dev/null, sys.argv and
+# sys.path[0] as the interpreter sets them, utils.files re-read from the environment (the
+# kill hook), the script run as __main__, an uncaught exception printed as a traceback with
+# exit status 1, SystemExit codes as the interpreter maps them, atexit handlers run. It
+# answers {"pid": ...} at once and {"status": ...} (-N: killed by signal N) when the child ends.
+ZYGOTE = textwrap.dedent(
+    """
+    import atexit, importlib, json, os, runpy, sys, threading
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing of the helper's own on the reply pipe
+    sys.path.insert(0, sys.argv[1])
+    before = dict(os.environ)
+    import numpy, torch, matplotlib.pyplot, gymnasium, cma, tqdm
+    import agent.dream, agent.display, agent.population, agent.search, agent.world
+    import data.carracing, data.latents, data.loaders, data.rollouts, envs.carracing
+    import models.controller, models.mdrnn, models.vae, pool, pool.local
+    import utils.checkpoint, utils.cli, utils.files, utils.logs, utils.params, utils.training
+    added = {k: v for k, v in os.environ.items() if before.get(k) != v}  # what those imports set
+
+    def case(request):
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for key, value in added.items():
+            os.environ.setdefault(key, value)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        importlib.reload(utils.files)  # module constants read from this environment
+        sys.argv = list(request["argv"])
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+            if code is None:
+                code = 0
+            elif not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        return code
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush(), sys.stderr.flush(), reply.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                reply.close()
+                code = case(request)
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+                os._exit(code & 0xFF)
+        print(json.dumps({"pid": pid}), file=reply, flush=True)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        print(json.dumps({"status": status}), file=reply, flush=True)
+    """
+)
 
 
-def run(stage: str, root: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
-    """Run `stage` as a user would, in `root` (dataset/ and logdir/ under it)."""
+class Stages:
+    """Runs the stages' scripts, one at a time, as children of a ZYGOTE helper."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch, self.count = scratch, 0
+        self.helper = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE, str(ROOT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+
+    def _answer(self, timeout: float) -> dict | None:
+        ready, _, _ = select.select([self.helper.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.helper.stdout.readline()
+        assert line, f"the helper the stages fork from has gone (exit {self.helper.poll()})"
+        return json.loads(line)
+
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 300):
+        """`python ARGV` in `cwd` with `env`: its CompletedProcess (returncode -N: killed by signal N)."""
+        self.count += 1
+        out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
+        request = dict(argv=argv, cwd=str(cwd), env=env, out=str(out), err=str(err))
+        self.helper.stdin.write(json.dumps(request) + "\n")
+        self.helper.stdin.flush()
+        pid = self._answer(120)["pid"]
+        answer = self._answer(timeout)
+        if answer is None:  # hung: kill it, then fail with what it wrote
+            os.kill(pid, signal.SIGKILL)
+            self._answer(120)
+            raise AssertionError(f"{argv} ran over {timeout}s: {err.read_text()[-3000:]}")
+        return subprocess.CompletedProcess(argv, answer["status"], out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.helper.stdin.close()
+        self.helper.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    runner = Stages(tmp_path_factory.mktemp("stage_output"))
+    yield runner
+    runner.close()
+
+
+def run(stages: Stages, stage: str, root: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+    """Run `stage` as a user would, in `root` (dataset/ and logdir/ under it), counting its writes."""
     args = [a.format(D=root / "dataset", L=root / "logdir") for a in COMMANDS[stage]]
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")} | {
         "SDL_VIDEODRIVER": "dummy"
     }
+    (root / KILL_COUNTER).unlink(missing_ok=True)
     env["WORLD_MODELS_KILL_AT_WRITE"] = str(kill_at)
-    return subprocess.run(
-        [sys.executable, str(ROOT / args[0]), *args[1:]],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env["WORLD_MODELS_KILL_COUNTER"] = str(root / KILL_COUNTER)
+    return stages.run([str(ROOT / args[0]), *args[1:]], root, env)
+
+
+def writes_counted(root: Path) -> int:
+    """The atomic writes the last run in `root` made (all its processes)."""
+    path = root / KILL_COUNTER
+    return path.stat().st_size if path.exists() else 0
 
 
 def ok(result: subprocess.CompletedProcess) -> None:
@@ -141,12 +282,15 @@ def ok(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The tiny pipeline, uninterrupted."""
+def reference(stages, tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """The tiny pipeline, uninterrupted, and the atomic writes of each stage."""
     root = tmp_path_factory.mktemp("reference")
+    writes = {}
     for stage in STAGES:
-        ok(run(stage, root))
-    return root
+        ok(run(stages, stage, root))
+        writes[stage] = writes_counted(root)
+    (root / KILL_COUNTER).unlink()
+    return root, writes
 
 
 def inputs_of(stage: str, reference: Path, root: Path) -> None:
@@ -235,21 +379,53 @@ def assert_same_outputs(stage: str, reference: Path, root: Path) -> None:
 # ----------------------------------------------------------------------------- kill -9 at every write
 
 
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(?P<suffix>.*)")  # utils.files.temp_name's
+
+
+def assert_left_by_a_killed_writer(temp: Path) -> None:
+    """`temp` is an atomic write's temporary (`.NAME.PID.tmpSUFFIX`) whose writer is gone."""
+    match = TEMP_NAME.fullmatch(temp.name)
+    assert match and is_temp_file(temp), temp
+    assert temp == temp_name(temp.with_name(match["name"]), int(match["pid"])), temp
+    assert not Path(f"/proc/{match['pid']}").exists() or "Z" in _state(int(match["pid"])), temp
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_kill_points_cover_every_write(reference):
+    """The uninterrupted stages make exactly WRITES atomic writes: the kill points below are all of them."""
+    _, writes = reference
+    assert writes == WRITES
+
+
 def _kill_points():
     for stage in STAGES:
-        for n in range(1, 5 if stage == "data" else 16):  # data: the pool workers write, 4 rollouts in all
-            marks = () if n == FIRST_KILL[stage] else (pytest.mark.faults,)
+        for n in range(1, WRITES[stage] + 1):
+            marks = () if (stage, n) in KILL_SAMPLE else (pytest.mark.faults_extra,)
             yield pytest.param(stage, n, marks=marks, id=f"{stage}-write{n}")
 
 
 @pytest.mark.parametrize("stage,kill_at", list(_kill_points()))
-def test_kill_inside_a_write_then_rerun_equals_uninterrupted(reference, tmp_path, stage, kill_at):
+def test_kill_inside_a_write_then_rerun_equals_uninterrupted(stages, reference, tmp_path, stage, kill_at):
+    reference, _ = reference
     inputs_of(stage, reference, tmp_path)
-    killed = run(stage, tmp_path, kill_at)
-    if killed.returncode == 0 and stage != "data":  # (in data the pool replaces a killed worker and goes on)
-        pytest.skip(f"{stage} makes fewer than {kill_at} writes")  # the run above was just uninterrupted
+    killed = run(stages, stage, tmp_path, kill_at)
+    # first, the kill happened: the command died by SIGKILL inside its kill_at-th write, which
+    # left that write's temporary behind (a worker's kill in data kills its main process too)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert writes_counted(tmp_path) >= kill_at  # (in data the other worker may finish a write meanwhile)
+    left = [p for p in tmp_path.rglob("*") if is_temp_file(p)]
+    assert left, "killed inside a write, but no temporary file is left"
+    for temp in left:
+        assert_left_by_a_killed_writer(temp)
     assert "Traceback" not in killed.stderr, killed.stderr[-2000:]
-    ok(run(stage, tmp_path))  # the same command again, as a user would
+    # then the same command again, as a user would, ends as if never interrupted
+    ok(run(stages, stage, tmp_path))
     assert_same_outputs(stage, reference, tmp_path)
 
 
@@ -309,25 +485,32 @@ READS = [  # (stage, the file it reads, relative to the run root, what the stage
 def _damage_cases():
     for stage, name, expect in READS:
         for kind in DAMAGE:
-            marks = () if kind == "pickle" else (pytest.mark.faults,)  # `make test`: the code-running pickles
             yield pytest.param(
-                stage, name, expect, kind, marks=marks, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}"
+                stage, name, expect, kind, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}"
             )
 
 
-@pytest.mark.parametrize("stage,name,expect,kind", list(_damage_cases()))
-def test_damaged_input_gives_one_line_and_runs_no_code(reference, tmp_path, stage, name, expect, kind):
-    inputs_of(stage, reference, tmp_path)
+def damage_inputs(stage: str, name: str, kind: str, reference: Path, root: Path) -> None:
+    """`root` as the stage finds it: the reference's files it needs, `name` damaged by `kind`."""
+    inputs_of(stage, reference, root)
     resumed = (
         [name, "logdir/ctrl/last.pt"] if name == "logdir/ctrl/best.pt" else [name]
     )  # a bad best.pt beside a good last.pt
     for needed in resumed:  # the stage's own files (a resume, the latent cache): from the reference
-        if not (tmp_path / needed).exists():
-            (tmp_path / needed).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(reference / needed, tmp_path / needed)
+        if not (root / needed).exists():
+            (root / needed).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(reference / needed, root / needed)
+    _damage(kind, root / name, root / "code_ran")
+
+
+@pytest.mark.parametrize("stage,name,expect,kind", list(_damage_cases()))
+def test_damaged_input_gives_one_line_and_runs_no_code(
+    stages, reference, tmp_path, stage, name, expect, kind
+):
+    reference, _ = reference
+    damage_inputs(stage, name, kind, reference, tmp_path)
+    result = run(stages, stage, tmp_path)
     marker = tmp_path / "code_ran"
-    _damage(kind, tmp_path / name, marker)
-    result = run(stage, tmp_path)
     assert not marker.exists(), "a damaged file ran code"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [
@@ -345,5 +528,12 @@ def test_damaged_input_gives_one_line_and_runs_no_code(reference, tmp_path, stag
             "best.pt"
         ):  # the finished search re-evaluated its mean: best.pt holds a controller again
             assert set(load_checkpoint(tmp_path / name)["state_dict"]) == {"fc.weight", "fc.bias"}
-    else:  # rebuild
+    else:  # rebuild: the cache is whole again, the very one the reference built
         assert result.returncode == 0, result.stderr[-2000:]
+        with (
+            np.load(reference / name, allow_pickle=False) as x,
+            np.load(tmp_path / name, allow_pickle=False) as y,
+        ):
+            assert sorted(x.files) == sorted(y.files)
+            for key in x.files:
+                assert np.array_equal(x[key], y[key]), key

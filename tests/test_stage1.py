@@ -15,8 +15,16 @@ import torch
 
 from data.carracing import BROWNIAN_DT, random_actions
 from data.loaders import FrameDataset, SequenceDataset
-from data.rollouts import NoRolloutsError, dataset_paths, load_rollout, save_rollout, split_rollouts
+from data.rollouts import (
+    NoRolloutsError,
+    dataset_paths,
+    load_rollout,
+    rollout_path,
+    save_rollout,
+    split_rollouts,
+)
 from envs.carracing import make_env, to_model_frame
+from utils.files import is_temp_file, temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = [sys.executable, str(ROOT / "data" / "generation_script.py")]
@@ -33,6 +41,18 @@ def generate(rootdir: Path, *args: str, check: bool = True) -> subprocess.Comple
 
 def files_by_index(rootdir: Path) -> dict[int, bytes]:
     return {int(p.stem.split("_")[1]): p.read_bytes() for p in rootdir.rglob("rollout_*.npz")}
+
+
+def temporaries(rootdir: Path) -> list[Path]:
+    """The hidden temporaries of atomic writes under `rootdir` (`.NAME.PID.tmpSUFFIX`, utils.files)."""
+    return [p for p in rootdir.rglob("*") if is_temp_file(p)]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (a killed writer's, as far as its temporary is concerned)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 # -- frames and env ---------------------------------------------------------------------
@@ -112,9 +132,12 @@ def test_white_policy_rollout_recorded(tmp_path):
 def test_resume_skips_complete_rollouts_and_ignores_partial_files(tmp_path):
     generate(tmp_path, "--rollouts", "2", "--threads", "2", "--max-steps", "20")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("rollout_*.npz")}
-    # what a kill leaves behind: a hidden temporary, never matched by readers
-    stale = tmp_path / "thread_0" / ".rollout_2.npz.999.tmp"
+    # what a kill inside a write leaves behind: the hidden temporary, under the name atomic_write
+    # gives it (.rollout_2.npz.PID.tmp.npz), never matched by readers
+    stale = temp_name(rollout_path(tmp_path, 2, thread=0), pid=dead_pid())
+    assert stale.name.startswith(".rollout_2.npz.") and stale.name.endswith(".tmp.npz")
     stale.write_bytes(b"half a file")
+    assert temporaries(tmp_path) == [stale]
     assert len(dataset_paths(tmp_path)[0]) == 2
     result = generate(tmp_path, "--rollouts", "4", "--threads", "2", "--max-steps", "20")
     assert "generated 2 rollouts" in result.stdout
@@ -125,20 +148,46 @@ def test_resume_skips_complete_rollouts_and_ignores_partial_files(tmp_path):
 
 
 def test_killed_run_leaves_only_complete_files_and_rerun_finishes(tmp_path):
-    args = GENERATE + ["--rootdir", str(tmp_path), "--rollouts", "3", "--threads", "1", "--max-steps", "400"]
+    """kill -9 of the script and its worker at any moment (here: once the first rollout is on
+    disk, mid-rollout), then kill -9 inside a rollout's write (utils/files.py's fault hook):
+    only complete rollouts under their names, the write's temporary hidden, and the rerun
+    finishes the dataset and removes the temporary."""
+    args = ["--rootdir", str(tmp_path), "--rollouts", "3", "--threads", "1", "--max-steps", "400"]
     process = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        GENERATE + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.rglob("rollout_*.npz")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)  # the script and its worker, mid-rollout
-    process.wait()
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.rglob("rollout_*.npz")) and time.monotonic() < deadline:
+            time.sleep(0.1)  # (waiting for the file, with slack for a busy machine)
+        assert list(tmp_path.rglob("rollout_*.npz")), "no rollout written in 240 s"
+        os.killpg(process.pid, signal.SIGKILL)  # the script and its worker, mid-rollout
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL  # killed, not finished: 2 rollouts of 400 steps were left
+    assert 1 <= len(files_by_index(tmp_path)) < 3
     for path in tmp_path.rglob("rollout_*.npz"):
         assert load_rollout(path) is not None
-    generate(tmp_path, "--rollouts", "3", "--threads", "1", "--max-steps", "400")
+
+    # now killed inside the write of the next rollout, after its temporary is written
+    hook = {"WORLD_MODELS_KILL_AT_WRITE": "1", "WORLD_MODELS_KILL_COUNTER": str(tmp_path / "writes")}
+    done = set(files_by_index(tmp_path))
+    killed = subprocess.run(
+        GENERATE + args, env=os.environ | hook, capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = temporaries(tmp_path)
+    assert len(left) == 1, left
+    index = min(set(range(3)) - done)  # the next rollout: its write was the one killed
+    writer = int(left[0].name.rsplit(".tmp", 1)[0].rsplit(".", 1)[1])  # the worker's pid
+    assert left[0] == temp_name(rollout_path(tmp_path, index, thread=0), pid=writer)
+    assert set(files_by_index(tmp_path)) == done  # readers never see the temporary
+    assert len(dataset_paths(tmp_path)[0]) == len(done)
+
+    generate(tmp_path, *args[2:])
     assert sorted(files_by_index(tmp_path)) == [0, 1, 2]
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert temporaries(tmp_path) == []
 
 
 @pytest.mark.parametrize(

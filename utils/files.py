@@ -7,13 +7,19 @@ writer leaves behind is deleted by `remove_orphaned_temps` when a stage starts (
 has `data.rollouts.remove_partial_files` for its rollouts).
 
 Fault injection (tests/test_faults.py): with WORLD_MODELS_KILL_AT_WRITE=N in the environment
-a process SIGKILLs itself inside its N-th atomic write, after the temporary file is written
-and before the rename, the worst moment for a kill.
+the run is SIGKILLed inside its N-th atomic write, after the temporary file is written and
+before the rename, the worst moment for a kill. "The run": the process writing and, when that
+is a pool worker, its main process first, so the command dies as under `kill -9` instead of
+the pool quietly replacing the worker. Writes are counted per process, or across every
+process of the run (the main one and its workers) when WORLD_MODELS_KILL_COUNTER names a file:
+each write appends one byte to it under a lock, so its size is the run's writes so far
+(counted even when N is 0: tests read how many writes a stage makes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
@@ -21,7 +27,31 @@ from pathlib import Path
 from typing import IO
 
 KILL_AT_WRITE = int(os.environ.get("WORLD_MODELS_KILL_AT_WRITE", "0") or 0)  # fault injection only; 0: never
+KILL_COUNTER = os.environ.get("WORLD_MODELS_KILL_COUNTER", "")  # a file: count writes across processes
 _writes = 0  # atomic writes done by this process
+
+
+def _count_write() -> int:
+    """The number of this atomic write: in this process, or in the run (KILL_COUNTER, see the docstring)."""
+    global _writes
+    if not KILL_COUNTER:
+        _writes += 1
+        return _writes
+    import fcntl  # fault injection only (POSIX)
+
+    with open(KILL_COUNTER, "ab") as counter:
+        fcntl.flock(counter, fcntl.LOCK_EX)  # released when the file is closed
+        counter.write(b".")
+        counter.flush()
+        return os.fstat(counter.fileno()).st_size
+
+
+def _kill_run() -> None:
+    """SIGKILL the run: a pool worker's main process first, then this process."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid:
+        os.kill(parent.pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def temp_name(path: Path, pid: int | None = None) -> Path:
@@ -80,9 +110,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        _writes += 1
-        if _writes == KILL_AT_WRITE:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if (KILL_AT_WRITE or KILL_COUNTER) and _count_write() == KILL_AT_WRITE:
+            _kill_run()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
