@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from script_edge import exit_status
 import torch
+from script_edge import exit_status
 
 from agent.world import load_mdrnn
 from data.latents import build_latent_cache, cache_path, load_latent_cache, read_meta, split_latents
