@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from agent.policy import Agent, run_episode
-from agent.population import evaluate_candidates, init_worker
+from agent.population import RealEvaluator, WorkerSpec, init_worker
 from agent.search import Search
 from agent.seeds import holdout_seeds, train_seeds
 from agent.world import load_world
@@ -98,8 +98,9 @@ def test_fitness_is_each_candidates_own_mean_return(tmp_path, one_thread):
     assert len(set(returns_of.values())) == len(named), returns_of  # three controllers, three outcomes
     assert all(n == STEPS for episodes in direct.values() for _, n in episodes)
 
-    with WorkerPool(2, init_worker, (str(world), True, config, K, 2), task_timeout=120) as pool:
-        fitness, returns, frames = evaluate_candidates(pool, candidates, seeds, STEPS, envs_per_worker=2)
+    with WorkerPool(2, init_worker, (WorkerSpec(str(world), config, K, envs_per_worker=2),), task_timeout=120) as pool:
+        scores = RealEvaluator(pool, STEPS, envs_per_worker=2).evaluate(candidates, seeds)
+    fitness, returns, frames = scores.fitness, scores.returns, scores.frames
     assert fitness.shape == (3,) and returns.shape == frames.shape == (3, 2)
     for p, name in enumerate(named):
         assert returns[p].tolist() == list(returns_of[name]), name  # the same episodes, bit for bit

@@ -111,11 +111,6 @@ def test_traincontroller_dream_counts_k4_agent_steps(world, capsys):
     assert best["action_repeat"] == K and best["search"]["action_repeat"] == K
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_dream_env ignores M's k: its default episode is 1000 dream steps (4000 frames at k = 4), "
-    "where traincontroller.py's dream stops at 1000 frames (250 steps)",
-)
 def test_dream_env_episode_is_as_long_as_a_real_one_at_k4(world):
     """The dream env from a k = 4 logdir (the `python -m agent.dream` demo's) ends its episodes
     where the real env's time limit would: 1000 frames, 250 steps of 4 frames."""
