@@ -1,8 +1,9 @@
-"""Shared fixtures: the repo root on sys.path, and a small real rollout dataset."""
+"""Shared fixtures: the repo root on sys.path, a small real rollout dataset, a watchdog for pool tests."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,3 +28,24 @@ def tiny_dataset(tmp_path_factory) -> Path:
         save_rollout(rollout_path(root, index, thread=index % 2), arrays)
     env.close()
     return root
+
+
+class Hung(Exception):
+    """Raised by the `watchdog` fixture in a test that ran far too long (a pool map that would hang)."""
+
+
+@pytest.fixture
+def watchdog():
+    """Fail, not hang, a test whose pool never returns: SIGALRM after 300 s raises Hung in it
+    (the pools poll every half second, so the exception reaches the waiting map)."""
+
+    def expire(signum, frame):
+        raise Hung("the test ran over 300 s: a map that hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(300)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -270,7 +272,12 @@ def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
 
 
 def test_interrupt_leaves_valid_last_pt(tmp_path):
-    """Ctrl-C mid-generation: exit 130, one message, a loadable last.pt, and no worker left running."""
+    """Ctrl-C mid-generation: exit 130, one message, a loadable last.pt, and no worker left running.
+
+    SIGINT goes once the generation's progress bar shows a finished episode, i.e. the workers
+    have loaded V, M and the env and are playing: 8 full episodes (no stall cut-off, one per
+    task) of which at most two are done, so the generation is surely still running.
+    """
     logdir = make_world(tmp_path)
     process = run_script(
         "traincontroller.py",
@@ -278,26 +285,45 @@ def test_interrupt_leaves_valid_last_pt(tmp_path):
         str(logdir),
         "--pop-size",
         "4",
+        "--n-samples",
+        "2",
+        "--envs-per-worker",
+        "1",
+        "--stall-frames",
+        "0",
         "--max-steps",
         "1000",
         "--max-workers",
         "2",
         wait=False,
     )
-    deadline = time.monotonic() + 120
-    while (
-        time.monotonic() < deadline and len(_children(process.pid)) < 3
-    ):  # 2 workers + multiprocessing's tracker
-        time.sleep(0.2)
-    workers = _children(process.pid)
-    time.sleep(3.0)  # let the workers load V, M and the env and start their episodes
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    err, playing = [], threading.Event()
+
+    def read_stderr() -> None:  # tqdm redraws its bar with \r: read what comes, not lines
+        while chunk := os.read(process.stderr.fileno(), 4096):
+            err.append(chunk.decode(errors="replace"))
+            if re.search(r"generation 1/\d+: [^\r]*\| *[1-7]/8 \[", "".join(err)):
+                playing.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert playing.wait(timeout=240), "no episode finished in 240 s:\n" + "".join(err)[-3000:]
+        workers = _children(process.pid)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    reader.join(timeout=60)
+    err = "".join(err)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted in generation 1" in err
     state = load_checkpoint(logdir / "ctrl" / "last.pt")
     assert state["generation"] == 0 and Search.from_state(state).es.countiter == 0
-    time.sleep(0.5)
+    assert len(workers) >= 2  # 2 workers (+ multiprocessing's resource tracker)
+    deadline = time.monotonic() + 60  # they are stopped before the exit; a little slack to be reaped
+    while [pid for pid in workers if _running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not [pid for pid in workers if _running(pid)]
 
 

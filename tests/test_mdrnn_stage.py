@@ -21,6 +21,7 @@ from data.latents import build_latent_cache, cache_path, load_latent_cache, read
 from data.rollouts import dataset_paths, load_rollout, split_rollouts
 from models.vae import VAE
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.files import is_temp_file
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = 8
@@ -144,7 +145,8 @@ def test_cache_rebuilt_only_when_v_or_dataset_changes(tiny_dataset, tmp_path):
     build_latent_cache(tmp_path, dataset, verbose=False)
     assert read_meta(path)["dataset"] != fingerprint
     assert len(load_latent_cache(tmp_path)) == 5
-    assert not list(path.parent.glob(".*tmp"))  # atomic write left no temporary file
+    # atomic writes left no temporary file (`.latents.npz.PID.tmp.npz`, utils.files.temp_name)
+    assert [p.name for p in path.parent.iterdir() if is_temp_file(p)] == []
 
 
 def test_long_sequences_partial_batches_and_exact_resume(tiny_dataset, tmp_path, capsys):

@@ -30,7 +30,7 @@ from utils.checkpoint import save_checkpoint
 from utils.params import count_params, set_flat_params
 
 LATENT, HIDDEN, K, FRAMES = 8, 16, 4, 40
-TIMEOUT, ENVS_PER_WORKER = 2, 2  # a task of 2 episodes may run 4 s
+TIMEOUT, ENVS_PER_WORKER = 3, 2  # a task of 2 episodes may run 6 s (it needs well under 1 s)
 WATCHDOG_S = 120  # the whole run, hang and rerun included, on a loaded machine: about 20 s
 
 

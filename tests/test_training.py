@@ -148,13 +148,15 @@ def test_kill_between_any_two_writes_then_rerun_agrees(events, tmp_path, capsys)
     for kill_at in range(writes):
         stage = tmp_path / f"kill_{kill_at}"
         events.kill_at, events.count, events.pictures = kill_at, 0, set()
-        with pytest.raises(Killed):
+        with pytest.raises(Killed) as killed:
             fit(make_run(stage, events), EPOCHS)
+        # first, the kill happened where it was meant to: in place of the reference run's write kill_at
+        assert killed.value.args == (names[kill_at],) and events.count == kill_at, (kill_at, killed.value)
         events.kill_at = None
         pictures = set(events.pictures)
-        if (stage / "last.pt").exists():
+        committed = load_checkpoint(stage / "last.pt")["epoch"] if (stage / "last.pt").exists() else 0
+        if committed:
             # a rerun that only resumes (nothing left to train) must already leave agreeing files
-            committed = load_checkpoint(stage / "last.pt")["epoch"]
             capsys.readouterr()
             fit(make_run(stage, events), committed)
             said = re.search(
@@ -166,8 +168,11 @@ def test_kill_between_any_two_writes_then_rerun_agrees(events, tmp_path, capsys)
             assert set(range(1, committed + 1)) <= pictures, (
                 f"a committed epoch without its pictures (kill at {kill_at})"
             )
-        # and a rerun to the end gives the uninterrupted run's files
+        # and a rerun to the end resumes (trains only the epochs not committed) and gives the
+        # uninterrupted run's files
+        done_before = len(events.names)
         fit(make_run(stage, events), EPOCHS)
+        assert events.names[done_before:].count("last.pt") == EPOCHS - committed, (kill_at, committed)
         assert_consistent(stage, EPOCHS)
         last, best = load_checkpoint(stage / "last.pt"), load_checkpoint(stage / "best.pt")
         for name, value in reference_last["state_dict"].items():

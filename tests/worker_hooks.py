@@ -9,6 +9,10 @@ its variables are set, it wraps `gymnasium.make` (which envs.carracing.make_env 
 - `WM_TEST_HANG_AT_STEP=N` with `WM_TEST_HANG_MARKER=FILE`: in a pool worker, hang (sleep an
   hour) inside the N-th step of an env, once over the whole process tree (the first process
   to create FILE): a stuck episode, for the task timeout to catch.
+
+and, with `WM_TEST_SIGNAL=INT|TERM` and `WM_TEST_SIGNAL_AT_STEP=N`, sends that signal from a
+training process just before its N-th optimizer step (mid-epoch): INT to the whole process
+group, as Ctrl-C in a terminal; TERM to the process, as `kill`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,27 @@ if os.environ.get("WM_TEST_MAKE_LOG") or os.environ.get("WM_TEST_HANG_AT_STEP"):
         return env
 
     gymnasium.make = make
+
+if os.environ.get("WM_TEST_SIGNAL"):
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    def _send():
+        if os.environ["WM_TEST_SIGNAL"] == "INT":
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _counts = {"step": 0}
+    _step_at = int(os.environ.get("WM_TEST_SIGNAL_AT_STEP") or 0)
+
+    def _before_step(optimizer, args, kwargs):
+        _counts["step"] += 1
+        if _counts["step"] == _step_at:
+            _send()
+
+    register_optimizer_step_pre_hook(_before_step)
 """
 
 
