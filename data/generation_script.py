@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         ) as pool:
             pool.map(run_rollout, [(task,) for task in tasks], on_result=on_result)
     except WorkerError as error:
+        bar.close()
         raise worker_failure(error, rootdir / "worker_error.log") from None
     except KeyboardInterrupt:
+        bar.close()  # before the line, so that it is the last one
         print("\ninterrupted: complete rollouts are kept; rerun the same command to finish", file=sys.stderr)
         return 130
     finally:

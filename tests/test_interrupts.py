@@ -10,16 +10,16 @@ signal themselves through tests/worker_hooks.py mid-epoch, just before an optimi
 their first epochs are committed (a signal from outside would land inside a checkpoint write
 as often as not, which the last test covers).
 
-Only traincontroller.py turns SIGTERM into a clean stop today: for the other three, SIGTERM
-kills the interpreter (exit -15, no message), so those cases are xfail until they do. And a
-Ctrl-C that lands inside a checkpoint write comes out of torch.save as a RuntimeError: a
-traceback and exit 1 (xfail too).
+Every script's edge (utils.cli.run_script) turns SIGTERM into the same clean stop as Ctrl-C.
+A Ctrl-C that lands inside a checkpoint write stays a KeyboardInterrupt (the last test).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
+import io
 import os
 import signal
 import subprocess
@@ -36,6 +36,7 @@ from data.carracing import generate_rollout
 from data.rollouts import find_rollouts, load_rollout, rollout_path, save_rollout
 from envs.carracing import make_env
 from models.vae import VAE
+from utils import checkpoint
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.files import is_temp_file
 
@@ -60,17 +61,13 @@ def xfail(reason: str):
     return pytest.mark.xfail(strict=True, raises=UncleanStop, reason=reason)  # any other failure is real
 
 
-SIGTERM_XFAIL = xfail(
-    "only traincontroller.py handles SIGTERM: this script is killed by it (exit -15, no message) "
-    "instead of stopping as Ctrl-C does (exit 130, one line)"
-)
 CASES = [
     pytest.param("data", "INT", id="data-ctrl-c"),
-    pytest.param("data", "TERM", id="data-sigterm", marks=SIGTERM_XFAIL),
+    pytest.param("data", "TERM", id="data-sigterm"),
     pytest.param("vae", "INT", id="vae-ctrl-c"),
-    pytest.param("vae", "TERM", id="vae-sigterm", marks=SIGTERM_XFAIL),
+    pytest.param("vae", "TERM", id="vae-sigterm"),
     pytest.param("mdrnn", "INT", id="mdrnn-ctrl-c"),
-    pytest.param("mdrnn", "TERM", id="mdrnn-sigterm", marks=SIGTERM_XFAIL),
+    pytest.param("mdrnn", "TERM", id="mdrnn-sigterm"),
 ]
 
 
@@ -223,36 +220,32 @@ def test_signal_stops_cleanly_and_a_rerun_finishes(stage, name, frames, tmp_path
         assert not [p for p in (logdir / stage).rglob("*") if is_temp_file(p)]
 
 
-@xfail(
-    "a KeyboardInterrupt inside torch.save's file writes comes out of save_checkpoint as RuntimeError "
-    "('[enforce fail at inline_container.cc:672] . unexpected pos'): a Ctrl-C landing in any checkpoint "
-    "write of V, M or C gives a traceback and exit 1, not the one line and exit 130"
-)
 def test_ctrl_c_inside_a_checkpoint_write_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
-    """save_checkpoint interrupted between two of torch.save's writes (where a Ctrl-C's
-    KeyboardInterrupt is raised): the old file is kept, and the interrupt comes out as one, so
-    the scripts' Ctrl-C handling (one line, exit 130) applies. (Seen for real: trainmdrnn.py
-    signalled right after writing last.pt, inside its best.pt write, ended with that traceback.)"""
+    """torch's zip writer turns a KeyboardInterrupt raised in its Python write callback into a
+    RuntimeError (seen for real: trainmdrnn.py signalled inside its best.pt write ended with a
+    traceback). save_checkpoint serialises into memory, where no Python callback runs, and only
+    then writes the file: a Ctrl-C there is a KeyboardInterrupt, and the old file is kept."""
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1})
-    save = torch.save
+    save, targets = torch.save, []
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (targets.append(type(f)), save(obj, f, *a, **k)))
+    real_atomic_write = checkpoint.atomic_write
 
-    class Interrupting:
-        def __init__(self, handle):
-            self.handle, self.writes = handle, 0
+    @contextlib.contextmanager
+    def interrupted_write(target, mode="wb"):
+        with real_atomic_write(target, mode) as handle:
 
-        def write(self, data):
-            self.writes += 1
-            if self.writes == 2:
-                raise KeyboardInterrupt  # what SIGINT's default handler raises, there
-            return self.handle.write(data)
+            class Interrupting:
+                def write(self, data):
+                    handle.write(bytes(data)[:10])
+                    raise KeyboardInterrupt  # what SIGINT's default handler raises, mid-write
 
-        def flush(self):
-            return self.handle.flush()
+            yield Interrupting()
 
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: save(obj, Interrupting(f), *a, **k))
+    monkeypatch.setattr(checkpoint, "atomic_write", interrupted_write)
     with pytest.raises(BaseException) as raised:
         save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(100)})
+    assert targets == [io.BytesIO]  # torch never writes to the file itself
     assert load_checkpoint(path) == {"epoch": 1}
     assert not [p for p in tmp_path.iterdir() if is_temp_file(p)]
     if raised.type is not KeyboardInterrupt:

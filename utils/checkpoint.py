@@ -8,6 +8,7 @@ they load with `torch.load(..., weights_only=True)`: nothing read from a logdir 
 from __future__ import annotations
 
 import inspect
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,16 @@ LAST, BEST = "last.pt", "best.pt"
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """torch.save `payload` to `path` atomically."""
+    """torch.save `payload` to `path` atomically.
+
+    The payload is serialised in memory first: torch's zip writer calls back into Python for
+    every write to a file object, and a Ctrl-C landing in that callback comes out as a
+    RuntimeError; into a BytesIO it cannot land, so Ctrl-C stays a KeyboardInterrupt.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_write(path) as handle:
-        torch.save(payload, handle)
+        handle.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
