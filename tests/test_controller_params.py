@@ -98,7 +98,9 @@ def test_fitness_is_each_candidates_own_mean_return(tmp_path, one_thread):
     assert len(set(returns_of.values())) == len(named), returns_of  # three controllers, three outcomes
     assert all(n == STEPS for episodes in direct.values() for _, n in episodes)
 
-    with WorkerPool(2, init_worker, (WorkerSpec(str(world), config, K, envs_per_worker=2),), task_timeout=120) as pool:
+    with WorkerPool(
+        2, init_worker, (WorkerSpec(str(world), config, K, envs_per_worker=2),), task_timeout=120
+    ) as pool:
         scores = RealEvaluator(pool, STEPS, envs_per_worker=2).evaluate(candidates, seeds)
     fitness, returns, frames = scores.fitness, scores.returns, scores.frames
     assert fitness.shape == (3,) and returns.shape == frames.shape == (3, 2)

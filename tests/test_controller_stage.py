@@ -490,7 +490,9 @@ def test_batched_episodes_return_the_same_as_single_ones(world):
     for envs_per_worker in (1, 4):
         spec = WorkerSpec(str(world), config, 4, envs_per_worker)
         with WorkerPool(2, init_worker, (spec,), task_timeout=120) as pool:
-            by_workers.append(RealEvaluator(pool, 160, envs_per_worker, stall_frames).evaluate([params], seeds).returns)
+            by_workers.append(
+                RealEvaluator(pool, 160, envs_per_worker, stall_frames).evaluate([params], seeds).returns
+            )
     np.testing.assert_array_equal(by_workers[0], by_workers[1])
     assert by_workers[0][0].tolist() == [r for r, _ in single]
 
@@ -508,7 +510,9 @@ def test_stalled_training_episodes_stop_early_but_evaluations_play_in_full(world
     assert full_frames == 400 and 40 <= cut_frames < 100
     assert cut_return == pytest.approx(full_return, abs=1e-6)  # no tile either way: -0.1 for every frame
     with WorkerPool(1, init_worker, (WorkerSpec(str(world), config, 4, 1),)) as pool:
-        frames = RealEvaluator(pool, 400, envs_per_worker=1).evaluate([params], [5]).frames  # no stall: the default
+        frames = (
+            RealEvaluator(pool, 400, envs_per_worker=1).evaluate([params], [5]).frames
+        )  # no stall: the default
     assert frames.tolist() == [[400]]
     env.close()
 

@@ -100,7 +100,18 @@ def test_generation_refuses_another_k_in_the_same_folder(tmp_path, capsys):
     )
     assert rollout_action_repeat(find_rollouts(tmp_path)[0][1]) == 4
     capsys.readouterr()
-    argv = ["--rollouts", "2", "--rootdir", str(tmp_path), "--threads", "1", "--max-steps", "8", "--action-repeat", "1"]
+    argv = [
+        "--rollouts",
+        "2",
+        "--rootdir",
+        str(tmp_path),
+        "--threads",
+        "1",
+        "--max-steps",
+        "8",
+        "--action-repeat",
+        "1",
+    ]
     assert exit_status(generate, argv) == 2
     assert "holds rollouts at --action-repeat 4, not 1" in capsys.readouterr().err
     assert len(find_rollouts(tmp_path)) == 1  # nothing generated at the other k
@@ -135,7 +146,12 @@ def test_a_controller_of_another_k_than_ms_is_refused(tmp_path):
     best.pt whose k is not M's, in one line naming the command that retrains C."""
     logdir = make_world(tmp_path, action_repeat=4)
     config = {"latent_size": 8, "hidden_size": 16, "action_size": 3}
-    best = {"state_dict": Controller(**config).state_dict(), "config": config, "generation": 1, "action_repeat": 2}
+    best = {
+        "state_dict": Controller(**config).state_dict(),
+        "config": config,
+        "generation": 1,
+        "action_repeat": 2,
+    }
     save_checkpoint(logdir / "ctrl" / "best.pt", best)
     result = run_script("test_controller.py", "--logdir", str(logdir), "--episodes", "1")
     assert result.returncode == 2

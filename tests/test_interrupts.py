@@ -228,7 +228,9 @@ def test_ctrl_c_inside_a_checkpoint_write_stays_a_keyboard_interrupt(tmp_path, m
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1})
     save, targets = torch.save, []
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (targets.append(type(f)), save(obj, f, *a, **k)))
+    monkeypatch.setattr(
+        torch, "save", lambda obj, f, *a, **k: (targets.append(type(f)), save(obj, f, *a, **k))
+    )
     real_atomic_write = checkpoint.atomic_write
 
     @contextlib.contextmanager

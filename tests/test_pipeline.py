@@ -31,8 +31,20 @@ SMOKE_FLAGS = {
     "data/generation_script.py": ["--rollouts", "4", "--max-steps", "60"],
     "trainvae.py": [],
     "trainmdrnn.py": ["--epochs", "1", "--seq-len", "16"],
-    "traincontroller.py": ["--pop-size", "4", "--n-samples", "1", "--generations", "2", "--eval-every", "1",
-                           "--eval-episodes", "2", "--max-steps", "52"],  # fmt: skip
+    "traincontroller.py": [
+        "--pop-size",
+        "4",
+        "--n-samples",
+        "1",
+        "--generations",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-episodes",
+        "2",
+        "--max-steps",
+        "52",
+    ],  # fmt: skip
     "test_controller.py": ["--episodes", "3", "--max-steps", "52"],
 }
 
@@ -110,11 +122,15 @@ def test_make_smoke_runs_every_stage_and_reports(tmp_path):
     for name in made:
         assert (dataset / name).read_bytes() == (tmp_path / "dataset" / name).read_bytes()
     for name in ["vae/best.pt", "mdrnn/best.pt", "ctrl/best.pt", "ctrl/last.pt"]:
-        ours, by_make = (torch.load(folder / name, weights_only=True) for folder in (by_hand / "logs", logdir))
+        ours, by_make = (
+            torch.load(folder / name, weights_only=True) for folder in (by_hand / "logs", logdir)
+        )
         for key in ("state_dict", "fitness"):
             if key in by_make:
                 assert_same_tensors(ours[key], by_make[key], f"{name} {key}")
-    assert (by_hand / "logs/ctrl/eval/returns.csv").read_text() == (logdir / "ctrl/eval/returns.csv").read_text()
+    assert (by_hand / "logs/ctrl/eval/returns.csv").read_text() == (
+        logdir / "ctrl/eval/returns.csv"
+    ).read_text()
 
 
 def readme_commands() -> list[list[str]]:

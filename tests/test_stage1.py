@@ -113,7 +113,9 @@ def test_generation_makes_valid_files_and_same_bytes_whatever_the_threads(tmp_pa
     ]
     for path in two.rglob("*.npz"):
         arrays = load_rollout(path)
-        assert arrays is not None and len(arrays["actions"]) == 8  # ceil(30 / 4): agent steps at the default k
+        assert (
+            arrays is not None and len(arrays["actions"]) == 8
+        )  # ceil(30 / 4): agent steps at the default k
         assert arrays["terminals"][-1] and not arrays["terminals"][:-1].any()
     generate(one, "--rollouts", "4", "--threads", "1", "--max-steps", "30", "--seed", "5")
     assert files_by_index(one) == files_by_index(two)  # byte-identical, whatever the thread count
