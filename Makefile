@@ -95,7 +95,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# every kill point and every damaged input of tests/test_faults.py (make test runs a sample)
+# every kill point and every damaged input of tests/test_faults.py (make test runs every damaged input and 3 kill points)
 faults: venv
 	$(PY) -m pytest -q -m faults tests/test_faults.py
 

@@ -27,14 +27,12 @@ import torch
 from agent.policy import BLOCK, Agent, run_episode, run_episodes
 from agent.population import RealEvaluator, WorkerSpec, init_worker
 from agent.search import Search
-from agent.seeds import train_seeds
 from agent.world import load_world
 from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
 from pool.local import WorkerPool
-from reporting.export import export
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.params import count_params, get_flat_params, set_flat_params
 
@@ -150,26 +148,6 @@ def test_actions_stay_in_action_space(world, scale):
         assert action.shape == (3,) and action.dtype == np.float32
         assert env.action_space.contains(action), action
         obs, *_ = env.step(action)
-    env.close()
-
-
-def test_fitness_is_mean_of_episode_returns(world):
-    """The pool's fitness for a candidate = mean of run_episode returns on its seeds, computed here directly."""
-    vae, mdrnn, config = load_world(world)
-    rng = np.random.default_rng(0)
-    candidates = [rng.normal(scale=0.5, size=count_params(Controller(**config))) for _ in range(2)]
-    seeds = train_seeds(0, 1, 2)
-    with WorkerPool(2, init_worker, (WorkerSpec(str(world), config, 1, 1),), task_timeout=120) as pool:
-        scores = RealEvaluator(pool, STEPS, envs_per_worker=1).evaluate(candidates, seeds)
-    fitness, returns, steps = scores.fitness, scores.returns, scores.frames
-    assert fitness.shape == (2,) and returns.shape == steps.shape == (2, 2)
-    agent, env = Agent(vae, mdrnn, Controller(**config)), make_env()
-    for p, params in enumerate(candidates):
-        set_flat_params(agent.controller, params)
-        direct = [run_episode(env, agent, seed, STEPS) for seed in seeds]
-        assert [r for r, _ in direct] == returns[p].tolist()  # same episodes, bit for bit
-        assert [n for _, n in direct] == steps[p].tolist() == [STEPS, STEPS]
-        assert fitness[p] == np.mean([r for r, _ in direct])
     env.close()
 
 
@@ -515,41 +493,3 @@ def test_stalled_training_episodes_stop_early_but_evaluations_play_in_full(world
         )  # no stall: the default
     assert frames.tolist() == [[400]]
     env.close()
-
-
-def test_exported_logdir_plays_the_same_returns(tmp_path):
-    """reporting.export keeps only what evaluation needs, and test_controller.py scores it the same."""
-    logdir = make_world(tmp_path / "run")
-    _, _, config = load_world(logdir)
-    controller = set_flat_params(
-        Controller(**config), np.random.default_rng(3).normal(0, 0.3, count_params(Controller(**config)))
-    )
-    save_checkpoint(
-        logdir / "ctrl" / "best.pt",
-        {
-            "state_dict": controller.state_dict(),
-            "config": config,
-            "generation": 2,
-            "eval_return": 1.0,
-            "action_repeat": 4,
-            "es_junk": torch.zeros(1000),
-        },
-    )
-    export(logdir, tmp_path / "pretrained")
-    assert "es_junk" not in load_checkpoint(tmp_path / "pretrained" / "ctrl" / "best.pt")
-    returns = {}
-    for name in ("run", "pretrained"):
-        result = run_script(
-            "test_controller.py",
-            "--logdir",
-            str(tmp_path / name),
-            "--episodes",
-            "2",
-            "--max-steps",
-            str(STEPS),
-            "--workers",
-            "1",
-        )
-        assert result.returncode == 0, result.stderr
-        returns[name] = read_csv(tmp_path / name / "ctrl" / "eval" / "returns.csv")
-    assert returns["run"] == returns["pretrained"] and len(returns["run"]) == 2
