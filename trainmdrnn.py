@@ -28,17 +28,16 @@ from utils import profile
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
 from utils.cli import (
     ArgumentParser,
+    add_training_stage_args,
     device_name,
     error_line,
     int_in,
     non_negative_float,
     non_negative_int,
     positive_float,
-    positive_int,
     run_script,
     seed_int,
     stage_command,
-    writable_dir,
 )
 from utils.errors import BadCheckpointError, BadRolloutError
 from utils.files import atomic_write
@@ -52,21 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument(
-        "--logdir", type=writable_dir, required=True, help="run folder: reads L/vae/best.pt, writes L/mdrnn/"
-    )
-    p.add_argument(
-        "--dataset", default=profile.DATASET, help="rollout folder (data/generation_script.py --rootdir)"
-    )
-    p.add_argument(
-        "--noreload", action="store_true", help="start afresh instead of resuming from L/mdrnn/last.pt"
-    )
-    p.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=profile.MDRNN_EPOCHS,
-        help="epochs in all, counted across resumes",
-    )
+    add_training_stage_args(p, "mdrnn", reads="reads L/vae/best.pt, ", epochs=profile.MDRNN_EPOCHS)
     p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="sequences per batch")
     p.add_argument(
         "--seq-len",

@@ -26,17 +26,16 @@ from models.vae import VAE, frames_to_tensor, vae_loss
 from utils import profile
 from utils.cli import (
     ArgumentParser,
+    add_training_stage_args,
     device_name,
     fraction,
     int_in,
     non_negative_float,
     non_negative_int,
     positive_float,
-    positive_int,
     run_script,
     seed_int,
     stage_command,
-    writable_dir,
 )
 from utils.errors import BadInputError, BadRolloutError
 from utils.logs import plt
@@ -51,19 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--logdir", type=writable_dir, required=True, help="run folder: writes L/vae/")
-    p.add_argument(
-        "--dataset", default=profile.DATASET, help="rollout folder (data/generation_script.py --rootdir)"
-    )
-    p.add_argument(
-        "--noreload", action="store_true", help="start afresh instead of resuming from L/vae/last.pt"
-    )
-    p.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=profile.VAE_EPOCHS,
-        help="epochs in all, counted across resumes",
-    )
+    add_training_stage_args(p, "vae", reads="", epochs=profile.VAE_EPOCHS)
     p.add_argument("--batch-size", type=int_in(1, 65_536), default=32, help="frames per batch")
     p.add_argument(
         "--lr", type=positive_float, default=1e-3, help="Adam learning rate (halved by ReduceLROnPlateau)"

@@ -174,6 +174,22 @@ def writable_file(text: str) -> str:
     return text
 
 
+def add_training_stage_args(parser: argparse.ArgumentParser, stage: str, reads: str, epochs: int) -> None:
+    """--logdir, --dataset, --noreload and --epochs, worded alike for V's and M's training scripts."""
+    parser.add_argument(
+        "--logdir", type=writable_dir, required=True, help=f"run folder: {reads}writes L/{stage}/"
+    )
+    parser.add_argument(
+        "--dataset", default=profile.DATASET, help="rollout folder (data/generation_script.py --rootdir)"
+    )
+    parser.add_argument(
+        "--noreload", action="store_true", help=f"start afresh instead of resuming from L/{stage}/last.pt"
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=epochs, help="epochs in all, counted across resumes"
+    )
+
+
 def one_line_warnings() -> None:
     """Print warnings as `warning: message` (e.g. a skipped rollout file), without the
     source line Python adds by default: the user needs the file name, not our code."""
