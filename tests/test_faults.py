@@ -20,10 +20,10 @@ so "every write" below is every write. Then, per stage:
   skipped or repaired with a warning instead).
 
 Every case here is marked `faults`: `make faults` (`pytest -m faults tests/test_faults.py`)
-runs them all. `make test` (pytest.ini deselects `faults_extra`) runs every damaged-input
-case, the write count check and a sample of the kill points (KILL_SAMPLE: a pool worker's
-kill in data, a kill inside M's epoch loop, one in the test episodes: about 40 s, where all
-30 take about 6 minutes on 2 cores).
+runs them all. `make test` (pytest.ini deselects `faults_extra`) runs the damaged inputs but
+random bytes (unreadable, as a truncated file is), the write count check and a sample of the
+kill points (KILL_SAMPLE: a pool worker's kill in data, a kill inside M's epoch loop, one in
+the test episodes).
 
 The stages run as a user runs them, `python SCRIPT ARGS` in a process of their own, but
 forked from a helper that has imported torch and the project once (`Stages`), so that the
@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -387,7 +388,11 @@ def assert_left_by_a_killed_writer(temp: Path) -> None:
     match = TEMP_NAME.fullmatch(temp.name)
     assert match and is_temp_file(temp), temp
     assert temp == temp_name(temp.with_name(match["name"]), int(match["pid"])), temp
-    assert not Path(f"/proc/{match['pid']}").exists() or "Z" in _state(int(match["pid"])), temp
+    # a worker leaves within moments of its main process (pool/local.py); under load it may take a while
+    deadline = time.monotonic() + 30
+    while _state(int(match["pid"])) not in ("gone", "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(int(match["pid"])) in ("gone", "Z"), temp
 
 
 def _state(pid: int) -> str:
@@ -485,8 +490,9 @@ READS = [  # (stage, the file it reads, relative to the run root, what the stage
 def _damage_cases():
     for stage, name, expect in READS:
         for kind in DAMAGE:
+            marks = (pytest.mark.faults_extra,) if kind == "random" else ()  # unreadable, like truncated
             yield pytest.param(
-                stage, name, expect, kind, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}"
+                stage, name, expect, kind, marks=marks, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}"
             )
 
 

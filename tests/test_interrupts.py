@@ -64,9 +64,8 @@ def xfail(reason: str):
 CASES = [
     pytest.param("data", "INT", id="data-ctrl-c"),
     pytest.param("data", "TERM", id="data-sigterm"),
+    # V and M stop through the same script edge for either signal (utils.cli.run_script): one each
     pytest.param("vae", "INT", id="vae-ctrl-c"),
-    pytest.param("vae", "TERM", id="vae-sigterm"),
-    pytest.param("mdrnn", "INT", id="mdrnn-ctrl-c"),
     pytest.param("mdrnn", "TERM", id="mdrnn-sigterm"),
 ]
 
