@@ -24,7 +24,7 @@ from agent.display import WindowClosed, check_window_open, open_window_env
 from agent.policy import Agent, run_episode
 from agent.population import RealEvaluator, add_agent_pool_args, make_agent_pool, task_count
 from agent.seeds import holdout_seeds
-from agent.world import load_best_controller, load_world, world_action_repeat
+from agent.world import load_best_controller, load_world, mdrnn_from_state, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS, make_env
 from pool import WorkerError, check_backend, worker_failure
 from utils import profile
@@ -66,6 +66,8 @@ def load_agent(logdir: str) -> tuple[Agent, dict, int]:
     """V, M and best.pt's C as one Agent, best.pt's checkpoint, and k (C's and M's, which must agree)."""
     vae, mdrnn, config = load_world(logdir)
     controller, state = load_best_controller(logdir, config)
+    if "mdrnn" in state:  # trained in imagination: C plays with the M it fine-tuned
+        mdrnn = mdrnn_from_state(state["mdrnn"])
     k, world_k = int(state.get("action_repeat", 1)), world_action_repeat(logdir)
     if k != world_k:
         raise BadCheckpointError(
@@ -93,11 +95,13 @@ def watch(agent: Agent, seeds: list[int], args: argparse.Namespace, k: int) -> l
     return results
 
 
-def play_in_pool(agent: Agent, seeds: list[int], args: argparse.Namespace, k: int) -> list[tuple[float, int]]:
+def play_in_pool(
+    agent: Agent, seeds: list[int], args: argparse.Namespace, k: int, mdrnn_state: dict | None
+) -> list[tuple[float, int]]:
     """The episodes in parallel on a worker pool; [(return, frames)] in the order of `seeds`."""
     workers = min(args.workers, task_count(1, len(seeds), args.envs_per_worker))
     with (
-        make_agent_pool(args, agent.controller.config, k, workers) as pool,
+        make_agent_pool(args, agent.controller.config, k, workers, mdrnn_state) as pool,
         tqdm(total=len(seeds), unit="ep", desc=f"evaluating ({workers} workers)", dynamic_ncols=True) as bar,
     ):
         evaluator = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # full episodes
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = watch(agent, seeds, args, k) if args.display else []
         if len(results) < len(seeds):  # the rest (all, without --display) in parallel
-            results += play_in_pool(agent, seeds[len(results) :], args, k)
+            results += play_in_pool(agent, seeds[len(results) :], args, k, state.get("mdrnn"))
     except KeyboardInterrupt:
         print("\ninterrupted; nothing written", file=sys.stderr)
         return 130

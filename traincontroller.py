@@ -17,18 +17,40 @@ import argparse
 import contextlib
 import math
 import multiprocessing as mp
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from agent.display import DisplaySpec, display_problem, watch_best
 from agent.dream import DreamEvaluator
-from agent.population import RealEvaluator, Scores, add_agent_pool_args, make_agent_pool, task_count
+from agent.imagine import (
+    COLLECTED,
+    ImagineRun,
+    ImagineSettings,
+    fine_tune_m,
+    load_collected,
+    one_step,
+    save_collected,
+    start_states,
+)
+from agent.population import (
+    CollectTask,
+    RealEvaluator,
+    Scores,
+    add_agent_pool_args,
+    collect_task,
+    make_agent_pool,
+    task_count,
+)
 from agent.search import Search
-from agent.seeds import eval_seeds, train_seeds
-from agent.world import load_world, world_action_repeat
+from agent.seeds import collect_seeds, eval_seeds, train_seeds
+from agent.world import load_mdrnn, load_world, world_action_repeat
+from data.latents import load_latent_cache
 from envs.carracing import MAX_EPISODE_STEPS
 from pool import WorkerError, check_backend, worker_failure
 from utils import profile
@@ -47,7 +69,7 @@ from utils.cli import (
 from utils.errors import BadCheckpointError
 from utils.files import remove_orphaned_temps
 from utils.logs import CSVLog, plot_columns
-from utils.params import count_params
+from utils.params import count_params, get_flat_params
 
 LOG_FIELDS = [
     "generation",
@@ -138,6 +160,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score candidates in M's dream (batched, no rendering); evaluations stay in the real env",
     )
     add(
+        "--imagine",
+        action="store_true",
+        help="learn C in M's imagination: actor-critic through M, in rounds that collect real rollouts "
+        "and fine-tune M (docs/imagination.md); evaluations stay in the real env",
+    )
+    add(
+        "--rounds",
+        type=positive_int,
+        default=profile.IMAGINE_ROUNDS,
+        help=f"with --imagine: stop after this many rounds, counted across resumes (default {profile.IMAGINE_ROUNDS})",
+    )
+    add(
+        "--updates",
+        type=positive_int,
+        default=ImagineSettings.updates,
+        help=f"with --imagine: actor-critic updates per round (default {ImagineSettings.updates})",
+    )
+    add(
+        "--collect-episodes",
+        type=int_in(0, 100_000),
+        default=ImagineSettings.collect_episodes,
+        help="with --imagine: real rollouts collected per round with the noisy actor "
+        f"(default {ImagineSettings.collect_episodes})",
+    )
+    add(
+        "--horizon",
+        type=int_in(1, 1000),
+        default=ImagineSettings.horizon,
+        help=f"with --imagine: imagined steps per start state (default {ImagineSettings.horizon})",
+    )
+    add(
         "--temperature",
         type=positive_float,
         default=profile.TEMPERATURE,
@@ -177,6 +230,10 @@ def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: 
         return search
     try:
         state = load_checkpoint(last_path)
+        if "imagine" in state:
+            raise BadCheckpointError(
+                f"{last_path} is an --imagine run: add --imagine to resume it, or --noreload to start a search"
+            )
         check_config(dict(state["config"]), config, last_path)  # C for other V/M sizes
         check_config(dict(state["search"]), fixed, last_path)  # what the saved fitness values measured
         search = Search.from_state(state)
@@ -297,6 +354,8 @@ def stop_display(display: mp.Process | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_backend(args.backend, args.ray_address)  # one line now, before anything is loaded or deleted
+    if args.imagine:
+        return train_in_imagination(args)
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     remove_orphaned_temps(ctrl_dir)  # what a kill inside a write left behind
@@ -402,6 +461,190 @@ def main(argv: list[str] | None = None) -> int:
         f"C: stopped after generation {search.generation}: {reason}; {best}; {minutes:.1f} min, "
         f"{search.frames - frames_before} real env frames ({search.frames} in all)"
         + (f", {dream_steps} dream steps" if dream_steps else "")
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- --imagine
+
+IMAGINE_FIELDS = [
+    "round",
+    "m_loss",
+    "actor_loss",
+    "critic_loss",
+    "imagined_return",
+    "value",
+    "action_std",
+    "imagined_steps_per_s",
+    "eval_mean",
+    "eval_std",
+    "collect_mean",
+    "time_s",
+    "env_frames",
+    "wall_min",
+]
+IMAGINE_PANELS = {
+    "real return": ["eval_mean", "collect_mean"],
+    "imagination": ["imagined_return", "value"],
+    "losses": ["m_loss", "critic_loss"],
+    "exploration std": ["action_std"],
+    "actor on fresh tracks, by env frames": ("env_frames", ["eval_mean"]),
+    "... by wall minutes": ("wall_min", ["eval_mean"]),
+}
+
+
+def imagine_settings(args: argparse.Namespace) -> ImagineSettings:
+    """The flags' settings of an --imagine run (a resume must match them)."""
+    return ImagineSettings(
+        horizon=args.horizon,
+        updates=args.updates,
+        collect_episodes=args.collect_episodes,
+        eval_episodes=args.eval_episodes,
+        seed=args.seed,
+    )
+
+
+def resume_or_start_imagining(
+    args: argparse.Namespace, config: dict[str, int], ctrl_dir: Path, initial_frames: int
+) -> ImagineRun:
+    """The saved run from last.pt (unless --noreload), else a new one from L/mdrnn's M."""
+    last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
+    settings = imagine_settings(args)
+    if args.noreload or not last_path.exists():
+        for stale in (last_path, best_path):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(ctrl_dir / COLLECTED, ignore_errors=True)
+        run = ImagineRun(
+            config, settings, load_mdrnn(args.logdir, one_step=False), world_action_repeat(args.logdir)
+        )
+        run.frames = initial_frames  # M learned from them: they count
+        save_checkpoint(last_path, run.state())
+        return run
+    try:
+        state = load_checkpoint(last_path)
+        if "imagine" not in state:
+            raise BadCheckpointError(
+                f"{last_path} is a CMA-ES search: drop --imagine to resume it, or add --noreload to start afresh"
+            )
+        check_config(dict(state["config"]), config, last_path)
+        check_config(dict(state["imagine"]), settings.as_dict(), last_path)
+        run = ImagineRun.from_state(state)
+    except BadCheckpointError:
+        raise
+    except Exception as error:  # corrupt, foreign or from another version
+        raise BadCheckpointError(
+            f"cannot resume from {last_path} ({error_line(error)}); use --noreload to start afresh"
+        ) from None
+    print(f"resuming {last_path} after round {run.round} (best eval return {run.best_eval:.1f})")
+    return run
+
+
+def learn_in_imagination(run: ImagineRun, cell, starts, round_: int) -> dict[str, float]:
+    """The round's actor-critic updates from random real start states; the mean of their stats."""
+    z, h, c = starts
+    s, sums, t0 = run.settings, {}, time.perf_counter()
+    for _ in tqdm(range(s.updates), unit="update", desc=f"round {round_} imagination", dynamic_ncols=True):
+        picks = torch.randint(len(z), (s.batch,))
+        for key, value in run.learner.update(cell, z[picks], h[picks], c[picks]).items():
+            sums[key] = sums.get(key, 0.0) + value / s.updates
+    return sums | dict(imagined_steps_per_s=s.updates * s.batch * s.horizon / (time.perf_counter() - t0))
+
+
+def collect_rollouts(pool, run: ImagineRun, round_: int, max_frames: int) -> list[dict]:
+    """The round's real rollouts: the actor's C plus its exploration noise on fresh tracks."""
+    s = run.settings
+    params = get_flat_params(run.learner.actor.controller)
+    std = run.learner.actor.log_std.detach().exp().double().numpy()
+    tracks = collect_seeds(s.seed, round_, s.collect_episodes)
+    noise = np.random.SeedSequence([s.seed, round_]).generate_state(s.collect_episodes)
+    tasks = [(CollectTask(params, std, track, int(n), max_frames),) for track, n in zip(tracks, noise)]
+    with tqdm(total=len(tasks), unit="ep", desc=f"round {round_} collection", dynamic_ncols=True) as bar:
+        return pool.map(collect_task, tasks, on_result=lambda index, result: bar.update())
+
+
+def train_in_imagination(args: argparse.Namespace) -> int:
+    """--imagine: rounds of (fine-tune M on all data, learn in imagination, evaluate, collect)."""
+    ctrl_dir = Path(args.logdir) / "ctrl"
+    last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
+    remove_orphaned_temps(ctrl_dir)
+    vae, _, config = load_world(args.logdir)
+    initial = load_latent_cache(args.logdir)  # the rollouts M was trained on (trainmdrnn.py's cache)
+    k = world_action_repeat(args.logdir)
+    run = resume_or_start_imagining(args, config, ctrl_dir, sum(len(r["actions"]) for r in initial) * k)
+    s = run.settings
+    log = CSVLog(ctrl_dir / "log.csv", IMAGINE_FIELDS, step_field="round", keep_before=run.round + 1)
+    if run.round >= args.rounds:
+        print(
+            f"nothing to do: --rounds {args.rounds} reached (raise it to go on, or --noreload to start afresh)"
+        )
+        return 0
+    workers = min(args.workers, max(task_count(1, s.eval_episodes, args.envs_per_worker), s.collect_episodes))
+    print(
+        f"C in imagination: rounds {run.round + 1}..{args.rounds} of {s.updates} updates of {s.batch} x "
+        f"{s.horizon} imagined steps, {s.eval_episodes} evaluation and {s.collect_episodes} collected "
+        f"episodes each on {workers} CPU workers; {run.frames} real env frames so far"
+    )
+    started, frames_before = time.perf_counter(), run.frames
+    try:
+        while run.round < args.rounds:
+            t0, round_ = time.perf_counter(), run.round + 1
+            torch.manual_seed(int(np.random.SeedSequence([s.seed, round_]).generate_state(1)[0]))
+            rollouts = initial + load_collected([ctrl_dir / name for name in run.collected])
+            row: dict = dict(round=round_)
+            if run.collected and s.m_updates:  # new real data since M last learned: fine-tune on all of it
+                rng = np.random.default_rng([s.seed, round_])
+                row["m_loss"] = fine_tune_m(
+                    run.mdrnn, run.m_opt, rollouts, s.m_updates, s.m_batch, s.seq_len, rng
+                )
+            cell = one_step(run.mdrnn)
+            row |= learn_in_imagination(run, cell, start_states(cell, rollouts), round_)
+            with make_agent_pool(args, config, k, workers, run.mdrnn_state()) as pool:
+                seeds = eval_seeds(s.seed, round_, s.eval_episodes)
+                real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)
+                evaluation = score(
+                    real, [get_flat_params(run.learner.actor.controller)], seeds, f"round {round_} evaluation"
+                )
+                collected = collect_rollouts(pool, run, round_, args.max_steps)
+            names = [f"{COLLECTED}/round_{round_:03d}/rollout_{i}.npz" for i in range(len(collected))]
+            for name, arrays in zip(names, collected):
+                save_collected(ctrl_dir / name, arrays, vae)
+            run.round, run.collected = round_, run.collected + names
+            run.frames += evaluation.real_frames + sum(int(a["seed"][2]) for a in collected)
+            run.seconds += time.perf_counter() - t0
+            row |= dict(eval_mean=float(evaluation.returns.mean()), eval_std=float(evaluation.returns.std()))
+            row["collect_mean"] = (
+                float(np.mean([a["rewards"].sum() for a in collected])) if collected else None
+            )
+            improved = run.record_eval(row["eval_mean"])
+            if improved:
+                save_checkpoint(best_path, run.best_checkpoint(row["eval_std"], len(seeds)))
+            save_checkpoint(last_path, run.state())
+            log.append(
+                row | dict(time_s=time.perf_counter() - t0, env_frames=run.frames, wall_min=run.seconds / 60)
+            )
+            plot_columns(
+                log.path, ctrl_dir / "curves.png", "round", IMAGINE_PANELS, title="controller (imagination)"
+            )
+            print(
+                f"round {round_}: C returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} on {len(seeds)} fresh "
+                f"tracks{' (best so far -> best.pt)' if improved else ''}; {run.frames} real env frames",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted in round {run.round + 1}; {last_path} holds round {run.round}: "
+            "rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    except WorkerError as error:
+        raise worker_failure(error, ctrl_dir / "worker_error.log") from None
+    print(
+        f"C: stopped after round {run.round}: --rounds {args.rounds} reached; best eval return "
+        f"{run.best_eval:.1f} (round {run.best_round}) in {best_path}; "
+        f"{(time.perf_counter() - started) / 60:.1f} min, {run.frames - frames_before} real env frames "
+        f"({run.frames} in all)"
     )
     return 0
 

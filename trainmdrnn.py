@@ -23,7 +23,7 @@ import torch
 from data.latents import build_latent_cache, cache_path, load_latent_cache, read_meta, split_latents
 from data.loaders import SequenceDataset
 from envs.carracing import ACTION_SIZE
-from models.mdrnn import MDRNN, mdrnn_loss
+from models.mdrnn import MDRNN, batch_loss
 from utils import profile
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
 from utils.cli import (
@@ -82,47 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=seed_int, default=0, help="seed of weights, batch order and latent sampling"
     )
     return p.parse_args(argv)
-
-
-def sample_z(
-    batch: dict[str, torch.Tensor], device: torch.device, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw z = mu + sigma * eps for the batch's steps and their next steps -> (z_t, z_{t+1}).
-
-    One draw per frame: the window's S frames plus the frame after its last step form S+1
-    frames, so the target z_{t+1} of step t is the very sample fed as input at step t+1, as
-    when a rollout's frames are each encoded once. Steps past a rollout's end are padding that
-    the loss masks out.
-    """
-    mu = torch.cat([batch["mu"], batch["next_mu"][:, -1:]], 1).to(device, non_blocking=True)  # (B, S+1, L)
-    logsigma = torch.cat([batch["logsigma"], batch["next_logsigma"][:, -1:]], 1).to(device, non_blocking=True)
-    eps = torch.randn(mu.shape, device=device, generator=generator)
-    z = mu + logsigma.exp() * eps  # (B, S+1, L)
-    return z[:, :-1], z[:, 1:]
-
-
-def batch_loss(
-    model: MDRNN,
-    batch: dict[str, torch.Tensor],
-    device: torch.device,
-    reward_weight: float,
-    done_weight: float,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """Forward one batch of cached latents; the GMM term is masked by next_mask (no frame
-    follows a rollout's last step), reward and done by mask (padding of short windows)."""
-    z, next_z = sample_z(batch, device, generator)  # (B, S, L) each
-    out = model(z, batch["actions"].to(device))  # heads (B, S, L, K), reward/done (B, S)
-    return mdrnn_loss(
-        out,
-        next_z,
-        batch["rewards"].to(device),
-        batch["terminals"].to(device),
-        mask=batch["mask"].to(device),
-        reward_weight=reward_weight,
-        done_weight=done_weight,
-        next_mask=batch["next_mask"].to(device),
-    )
 
 
 def make_steps(

@@ -16,7 +16,7 @@ import torch
 
 from agent.policy import Agent, run_episode
 from agent.seeds import display_seed
-from agent.world import load_world
+from agent.world import load_world, mdrnn_from_state
 from envs.carracing import make_env
 from models.controller import Controller
 from utils.checkpoint import BEST, load_checkpoint
@@ -138,6 +138,8 @@ def watch_best(spec: DisplaySpec) -> None:
                 try:
                     state = load_checkpoint(best_path)
                     agent.controller.load_state_dict(state["state_dict"])
+                    if "mdrnn" in state:  # trained in imagination: C plays with the M it fine-tuned
+                        agent.mdrnn = mdrnn_from_state(state["mdrnn"])
                     seen = stamp
                     pygame.display.set_caption(
                         f"World Models: best C, generation {state.get('generation')}, "

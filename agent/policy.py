@@ -56,16 +56,22 @@ class Agent:
         self.hidden = self.mdrnn.initial_state(rows, device=self.device)  # (h, c), each (rows, H)
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """Raw uint8 frames (B, 96, 96, 3), one per episode of the batch -> actions (B, 3) float32."""
+    def act(self, obs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """Raw uint8 frames (B, 96, 96, 3), one per episode of the batch -> actions (B, 3) float32.
+
+        `noise` (B, 3), when given, is added to C's output before the squash (exploration)."""
         frames = to_model_frame(obs)  # (B, 64, 64, 3)
-        padding = np.zeros((len(self.hidden[0]) - len(frames), *frames.shape[1:]), dtype=np.uint8)
+        rows = len(self.hidden[0])
+        padding = np.zeros((rows - len(frames), *frames.shape[1:]), dtype=np.uint8)
         z, _ = self.vae.encode_frames(np.concatenate([frames, padding]), batch_size=self.block)  # (rows, L)
+        raw_noise = torch.zeros(rows, self.controller.action_size, device=self.device)
+        if noise is not None:
+            raw_noise[: len(noise)] = torch.as_tensor(noise, dtype=torch.float32)
         actions, hidden = [], []
-        for z_block, h_block, c_block in zip(
-            z.split(self.block), *(s.split(self.block) for s in self.hidden)
+        for z_block, h_block, c_block, n_block in zip(
+            z.split(self.block), *(s.split(self.block) for s in self.hidden), raw_noise.split(self.block)
         ):
-            action = self.controller(z_block, h_block)  # (block, A)
+            action = self.controller(z_block, h_block, n_block if noise is not None else None)  # (block, A)
             hidden.append(self.mdrnn(z_block, action, (h_block, c_block)).hidden)
             actions.append(action)
         self.hidden = tuple(torch.cat(states) for states in zip(*hidden))  # (h, c), each (rows, H)
@@ -126,3 +132,38 @@ def run_episode(
 ) -> tuple[float, int]:
     """One episode on track `seed` (run_episodes with a batch of one); returns (total reward, env frames)."""
     return run_episodes([env], agent, [seed], max_frames, stall_frames, on_step)[0]
+
+
+def record_episode(
+    env, agent: Agent, seed: int, noise_seed: int, noise_std: np.ndarray, max_frames: int = MAX_EPISODE_STEPS
+) -> dict[str, np.ndarray]:
+    """One episode of the agent with Gaussian noise (std `noise_std` per action, drawn from
+    `noise_seed`) added to C's output, recorded as a rollout (data/rollouts.py's format, policy
+    "actor"): the iterative data of learning in imagination. A pure function of its arguments."""
+    k = getattr(env, "action_repeat", 1)
+    steps = -(-max_frames // k)
+    noise = np.random.default_rng(noise_seed).standard_normal((steps, len(noise_std))) * noise_std
+    obs, _ = env.reset(seed=int(seed))
+    agent.reset(1)
+    observations, actions, rewards, terminals, frames = [], [], [], [], 0
+    for t in range(steps):
+        observations.append(to_model_frame(obs))
+        action = agent.act(obs[None], noise[t : t + 1])[0]
+        obs, reward, terminated, truncated, info = env.step(action)
+        frames += env_frames(info)
+        done = terminated or truncated or frames >= max_frames
+        actions.append(action)
+        rewards.append(reward)
+        terminals.append(done)
+        if done:
+            break
+    return {
+        "observations": np.stack(observations),  # (T, 64, 64, 3) uint8
+        "actions": np.asarray(actions, dtype=np.float32),  # (T, 3): what was played, noise included
+        "rewards": np.asarray(rewards, dtype=np.float32),
+        "terminals": np.asarray(terminals, dtype=bool),
+        "action_repeat": np.asarray(k, dtype=np.int64),
+        "seed": np.asarray([seed, noise_seed, frames], dtype=np.int64),  # track, noise, env frames played
+        "policy": np.asarray("actor"),
+        "env_id": np.asarray(env.spec.id if env.spec else "CarRacing-v3"),
+    }

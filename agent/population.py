@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agent.policy import BLOCK, Agent, run_episodes
+from agent.policy import BLOCK, Agent, record_episode, run_episodes
 from agent.world import load_world
 from envs.carracing import make_env
 from models.controller import Controller
@@ -42,6 +42,7 @@ class WorkerSpec:
     envs_per_worker: int
     fast: bool = True  # the fast renderer (False: gymnasium's own)
     block: int = BLOCK  # rows per V, M and C call; only the benchmark's old path changes it
+    mdrnn_state: dict | None = None  # M's {"state_dict", "config"} instead of L/mdrnn/best.pt's
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,19 @@ def add_agent_pool_args(parser, workers_alias: str | None = None) -> None:
     add_pool_args(parser, workers_alias)
 
 
-def make_agent_pool(args, config: dict[str, int], action_repeat: int, workers: int):
-    """A started pool of `init_worker` workers, from the flags of `add_agent_pool_args` (and --logdir)."""
-    spec = WorkerSpec(args.logdir, config, action_repeat, args.envs_per_worker, fast=not args.slow_env)
+def make_agent_pool(
+    args, config: dict[str, int], action_repeat: int, workers: int, mdrnn_state: dict | None = None
+):
+    """A started pool of `init_worker` workers, from the flags of `add_agent_pool_args` (and --logdir);
+    `mdrnn_state`: the M they play with instead of L/mdrnn/best.pt's."""
+    spec = WorkerSpec(
+        args.logdir,
+        config,
+        action_repeat,
+        args.envs_per_worker,
+        fast=not args.slow_env,
+        mdrnn_state=mdrnn_state,
+    )
     return make_pool(
         args.backend,
         workers,
@@ -110,7 +121,7 @@ def make_agent_pool(args, config: dict[str, int], action_repeat: int, workers: i
 def init_worker(spec: WorkerSpec) -> None:
     """Pool initializer: load V and M and make the envs once per worker."""
     torch.set_num_threads(1)
-    vae, mdrnn, config = load_world(spec.logdir)
+    vae, mdrnn, config = load_world(spec.logdir, mdrnn_state=spec.mdrnn_state)
     if config != spec.config:
         raise RuntimeError(
             f"V/M in {spec.logdir} changed during the run: sizes {config}, expected {spec.config}"
@@ -128,6 +139,24 @@ def episodes_task(task: EpisodesTask) -> list[tuple[float, int]]:
     return run_episodes(
         _WORKER["envs"][: len(task.seeds)], agent, task.seeds, task.max_frames, task.stall_frames
     )
+
+
+@dataclass(frozen=True)
+class CollectTask:
+    """One episode of C plus exploration noise, recorded as a rollout (iterative data)."""
+
+    params: np.ndarray  # C's flat parameters
+    noise_std: np.ndarray  # (A,) std of the Gaussian added to C's pre-squash output
+    seed: int  # the track
+    noise_seed: int
+    max_frames: int
+
+
+def collect_task(task: CollectTask) -> dict[str, np.ndarray]:
+    """Pool task: play C with noise on one track and return its rollout's arrays (data/rollouts.py)."""
+    agent, env = _WORKER["agent"], _WORKER["envs"][0]
+    set_flat_params(agent.controller, task.params)
+    return record_episode(env, agent, task.seed, task.noise_seed, task.noise_std, task.max_frames)
 
 
 def task_count(candidates: int, episodes: int, envs_per_worker: int) -> int:

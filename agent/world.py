@@ -35,12 +35,31 @@ def load_mdrnn(
     return load_model(MDRNNCell if one_step else MDRNN, logdir, "mdrnn", device)[0]
 
 
+def mdrnn_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> MDRNNCell:
+    """The one-step M of a checkpoint entry {"state_dict", "config"}: the M a controller trained
+    in imagination carries in its best.pt (its own fine-tuned M, docs/imagination.md)."""
+    try:
+        mdrnn = MDRNNCell(**dict(state["config"]))
+        mdrnn.load_state_dict(state["state_dict"])
+    except Exception as error:
+        raise BadCheckpointError(
+            f"the controller's own M does not load ({type(error).__name__}: {error})"
+        ) from None
+    return mdrnn.to(device).eval()
+
+
 def load_world(
-    logdir: str | os.PathLike, device: str | torch.device = "cpu"
+    logdir: str | os.PathLike, device: str | torch.device = "cpu", mdrnn_state: dict[str, Any] | None = None
 ) -> tuple[VAE, MDRNNCell, dict[str, int]]:
-    """V and the one-step M, checked against each other: (vae, mdrnn_cell, controller_config)."""
+    """V and the one-step M, checked against each other: (vae, mdrnn_cell, controller_config).
+
+    M is `L/mdrnn/best.pt`'s, or `mdrnn_state`'s when given (a controller's own M)."""
     vae = load_vae(logdir, device)
-    mdrnn = load_mdrnn(logdir, device, one_step=True)
+    mdrnn = (
+        load_mdrnn(logdir, device, one_step=True)
+        if mdrnn_state is None
+        else mdrnn_from_state(mdrnn_state, device)
+    )
     retrain_m = f"`{stage_command('mdrnn', logdir)} --noreload`"
     if mdrnn.latent_size != vae.latent_size:
         raise BadCheckpointError(

@@ -35,9 +35,11 @@ class Controller(nn.Module):
         """Constructor arguments, so a checkpoint can rebuild the model with Controller(**config)."""
         return dict(latent_size=self.latent_size, hidden_size=self.hidden_size, action_size=self.action_size)
 
-    def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """z (..., L), h (..., H) -> action (..., A), always inside the action box."""
-        return squash_action(self.fc(torch.cat([z, h], dim=-1)))
+    def forward(self, z: torch.Tensor, h: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z (..., L), h (..., H) -> action (..., A), always inside the action box; `noise`
+        (..., A), when given, is added before the squash (exploration)."""
+        raw = self.fc(torch.cat([z, h], dim=-1))
+        return squash_action(raw if noise is None else raw + noise)
 
 
 def batched_actions(

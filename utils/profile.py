@@ -28,6 +28,7 @@ GENERATIONS = 100
 EVAL_EVERY = 5  # generations between evaluations of the CMA-ES mean on fresh tracks
 EVAL_EPISODES = 16
 STALL_FRAMES = 100  # a training episode ends after this many frames without a new tile
+IMAGINE_ROUNDS = 20  # rounds of learning in imagination (traincontroller.py --imagine)
 TEMPERATURE = 1.15  # M's sampling temperature in the dream
 TEST_EPISODES = 100  # held-out tracks of test_controller.py
 ENVS_PER_WORKER = 4  # episodes a worker drives side by side as one batch

@@ -1,0 +1,122 @@
+"""Learning in imagination, the pieces: lambda-returns by hand, gradients through M into the
+actor (and none into M), the start states as the agent's M sees them, the noisy episode
+recording, and M's fine-tuning lowering its loss. The whole --imagine loop: test_imagine_stage.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent.imagine import ImagineSettings, Learner, fine_tune_m, one_step, start_states
+from models.actor_critic import Actor, discount_weights, imagine, lambda_returns
+from models.mdrnn import MDRNN, MDRNNCell
+
+LATENT, HIDDEN = 4, 8
+
+
+def test_lambda_returns_by_hand():
+    rewards = torch.tensor([[1.0], [2.0]])  # (H=2, B=1)
+    continues = torch.tensor([[1.0], [0.5]])
+    values = torch.tensor([[10.0], [20.0], [30.0]])
+    gamma, lam = 0.9, 0.8
+    # R_1 = r_1 + g c_1 ((1 - l) v_2 + l v_2) = 2 + 0.9 * 0.5 * 30 = 15.5
+    # R_0 = r_0 + g c_0 ((1 - l) v_1 + l R_1) = 1 + 0.9 * (0.2 * 20 + 0.8 * 15.5) = 15.76
+    expected = torch.tensor([[15.76], [15.5]])
+    torch.testing.assert_close(lambda_returns(rewards, continues, values, gamma, lam), expected)
+    # lambda = 0 is one-step TD, lambda = 1 the discounted sum bootstrapped at the end
+    torch.testing.assert_close(
+        lambda_returns(rewards, continues, values, gamma, 0.0), torch.tensor([[19.0], [15.5]])
+    )
+    torch.testing.assert_close(
+        lambda_returns(rewards, continues, values, gamma, 1.0), torch.tensor([[1 + 0.9 * 15.5], [15.5]])
+    )
+    torch.testing.assert_close(discount_weights(continues, gamma), torch.tensor([[1.0], [0.9]]))
+
+
+def test_gradients_reach_the_actor_through_m_and_m_stays_unchanged():
+    torch.manual_seed(0)
+    mdrnn = MDRNNCell(LATENT, 3, HIDDEN, 3).requires_grad_(False)
+    before = {k: v.clone() for k, v in mdrnn.state_dict().items()}
+    actor = Actor(LATENT, HIDDEN, 3)
+    torch.nn.init.normal_(actor.controller.fc.weight, std=0.1)
+    z, hidden = torch.randn(5, LATENT), mdrnn.initial_state(5)
+    actions = []  # every action the actor takes, kept with its gradient
+
+    def keep(module, inputs, action):
+        action.retain_grad()
+        actions.append(action)
+
+    actor.register_forward_hook(keep)
+    # the return of the later steps alone: it reaches the first action only through M's dynamics
+    traj = imagine(mdrnn, actor, z, hidden, horizon=4)
+    traj.rewards[1:].sum().backward()
+    assert actions[0].grad is not None and actions[0].grad.abs().sum() > 0
+    assert actor.controller.fc.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in mdrnn.parameters())
+    # ... and a learner's updates change the actor and critic, never M
+    learner = Learner(dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3), ImagineSettings(horizon=4))
+    actor_before = learner.actor.controller.fc.weight.clone()
+    for _ in range(3):
+        learner.update(mdrnn, z, *hidden)
+    assert not torch.equal(learner.actor.controller.fc.weight, actor_before)
+    for key, value in mdrnn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_start_states_are_the_agents_m_state():
+    """h_t, c_t at step t of a rollout are M's state after reading steps 0..t-1 with z = mu."""
+    torch.manual_seed(1)
+    cell = MDRNNCell(LATENT, 3, HIDDEN, 3)
+    rng = np.random.default_rng(0)
+    rollouts = [
+        {
+            "mu": rng.normal(size=(n, LATENT)).astype(np.float32),
+            "actions": rng.random((n, 3)).astype(np.float32),
+        }
+        for n in (5, 3)
+    ]
+    z, h, c = start_states(cell, rollouts)
+    assert len(z) == 4 + 2  # every step but each rollout's last
+    hidden = cell.initial_state(1)
+    for t in range(3):  # the first rollout's first steps, by hand
+        assert torch.allclose(h[t], hidden[0][0], atol=1e-6) and torch.allclose(c[t], hidden[1][0], atol=1e-6)
+        assert torch.equal(z[t], torch.from_numpy(rollouts[0]["mu"][t]))
+        step = cell(z[t : t + 1], torch.from_numpy(rollouts[0]["actions"][t : t + 1]), hidden)
+        hidden = step.hidden
+    assert torch.equal(z[4], torch.from_numpy(rollouts[1]["mu"][0])) and torch.all(h[4] == 0)
+
+
+def test_fine_tuning_lowers_ms_loss():
+    torch.manual_seed(2)
+    rng = np.random.default_rng(2)
+    walk = np.cumsum(rng.normal(0, 0.1, size=(2, 40, LATENT)), axis=1).astype(np.float32)
+    rollouts = [
+        {
+            "mu": w,
+            "logsigma": np.full_like(w, -3.0),
+            "actions": rng.random((40, 3)).astype(np.float32),
+            "rewards": np.ones(40, np.float32),
+            "terminals": np.arange(40) == 39,
+        }
+        for w in walk
+    ]
+    mdrnn = MDRNN(LATENT, 3, HIDDEN, 3)
+    optimizer = torch.optim.Adam(mdrnn.parameters(), lr=3e-3)
+    first = fine_tune_m(mdrnn, optimizer, rollouts, 5, 4, 8, np.random.default_rng(0))
+    later = fine_tune_m(mdrnn, optimizer, rollouts, 100, 4, 8, np.random.default_rng(1))
+    assert later < first - 0.5
+    cell = one_step(mdrnn)
+    assert all(not p.requires_grad for p in cell.parameters())
+    assert torch.equal(cell.head.weight, mdrnn.head.weight)
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_actor_without_noise_is_c(sample):
+    torch.manual_seed(3)
+    actor = Actor(LATENT, HIDDEN, 3)
+    torch.nn.init.normal_(actor.controller.fc.weight)
+    z, h = torch.randn(6, LATENT), torch.randn(6, HIDDEN)
+    same = torch.equal(actor(z, h, sample=sample), actor.controller(z, h))
+    assert same != sample  # noise changes the action; without it the actor is exactly C

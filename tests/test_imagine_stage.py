@@ -1,0 +1,196 @@
+"""`traincontroller.py --imagine` end to end at toy size, as a user runs it: random-init V
+(latent 8) and M (hidden 16) over 6 tiny real rollouts, rounds of a few updates, 2 evaluation
+and 2 collected episodes of 24 frames.
+
+Covers: every real frame is counted (the initial rollouts, the evaluations, the collected
+rollouts, which are on disk); M is fine-tuned on the new data and best.pt carries it;
+test_controller.py plays best.pt with that M; two rounds equal one round plus a resume, and a
+run killed inside round 2 (SIGKILL inside a write) rerun gives the same files; a resume with
+another setting, or a CMA-ES last.pt, is refused with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import test_controller
+from agent.policy import Agent, run_episode
+from agent.seeds import holdout_seeds
+from agent.world import load_mdrnn, load_vae, mdrnn_from_state
+from data.latents import build_latent_cache
+from data.rollouts import load_rollout
+from envs.carracing import make_env
+from models.controller import Controller
+from models.mdrnn import MDRNNCell
+from models.vae import VAE
+from utils.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENT, HIDDEN, FRAMES = 8, 16, 24
+SMALL = ["--updates", "3", "--collect-episodes", "2", "--eval-episodes", "2", "--max-steps", str(FRAMES)]
+SMALL += ["--workers", "2", "--horizon", "5"]
+
+
+def run(logdir: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "traincontroller.py"), "--logdir", str(logdir), "--imagine", *flags]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env or dict(os.environ)
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def world(tiny_dataset, tmp_path_factory) -> Path:
+    """V and M as their stages leave them (M at k = 1, the tiny dataset's), and M's latent cache."""
+    logdir = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    for stage, model in (("vae", VAE(LATENT)), ("mdrnn", MDRNNCell(LATENT, 3, HIDDEN, 3))):
+        extra = {"action_repeat": 1} if stage == "mdrnn" else {}
+        save_checkpoint(
+            logdir / stage / "best.pt",
+            {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0},
+        )
+    build_latent_cache(logdir, tiny_dataset, verbose=False)
+    return logdir
+
+
+@pytest.fixture(scope="module")
+def two_rounds(world, tmp_path_factory) -> Path:
+    """One round, then a resume to two: a user's session."""
+    logdir = tmp_path_factory.mktemp("two_rounds")
+    for stage in ("vae", "mdrnn"):
+        shutil.copytree(world / stage, logdir / stage)
+    ok(run(logdir, *SMALL, "--rounds", "1"))
+    shutil.copy(logdir / "ctrl/last.pt", logdir / "last_after_1.pt")
+    resumed = ok(run(logdir, *SMALL, "--rounds", "2"))
+    assert "resuming" in resumed.stdout and "after round 1" in resumed.stdout
+    return logdir
+
+
+def same_files(a: Path, b: Path) -> None:
+    """The same run: last.pt's tensors and numbers, best.pt's, the collected rollouts' bytes."""
+    for name in ("last.pt", "best.pt"):
+        x, y = load_checkpoint(a / "ctrl" / name), load_checkpoint(b / "ctrl" / name)
+        assert_same(x, y, name)
+    collected = sorted(p.relative_to(a) for p in (a / "ctrl/rollouts").rglob("*.npz"))
+    assert collected == sorted(p.relative_to(b) for p in (b / "ctrl/rollouts").rglob("*.npz"))
+    for name in collected:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def assert_same(x, y, where: str) -> None:
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for key in x:
+            if key != "seconds":  # wall time
+                assert_same(x[key], y[key], f"{where}.{key}")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, where
+
+
+def test_every_real_frame_is_counted_and_m_is_fine_tuned(world, two_rounds, tiny_dataset):
+    last = load_checkpoint(two_rounds / "ctrl/last.pt")
+    initial = sum(len(load_rollout(p)["actions"]) for p in tiny_dataset.rglob("rollout_*.npz"))  # k = 1
+    collected = [dict(np.load(p)) for p in (two_rounds / "ctrl/rollouts").rglob("*.npz")]
+    assert len(collected) == 2 * 2 == len(last["collected"])
+    assert all(len(r["actions"]) == FRAMES and r["mu"].shape == (FRAMES, LATENT) for r in collected)
+    evaluation = 2 * 2 * FRAMES  # two rounds of 2 full evaluation episodes
+    assert last["frames"] == initial + evaluation + sum(len(r["actions"]) for r in collected)
+    # round 1 learns on the initial data; round 2 fine-tunes M on it and the collected rollouts first
+    original = load_checkpoint(world / "mdrnn/best.pt")["state_dict"]
+    after_1 = load_checkpoint(two_rounds / "last_after_1.pt")["mdrnn"]["state_dict"]
+    assert all(torch.equal(after_1[k], v) for k, v in original.items())
+    assert not torch.equal(last["mdrnn"]["state_dict"]["head.weight"], original["head.weight"])
+    assert torch.equal(
+        load_checkpoint(two_rounds / "mdrnn/best.pt")["state_dict"]["head.weight"], original["head.weight"]
+    )
+    rows = (two_rounds / "ctrl/log.csv").read_text().splitlines()
+    assert rows[0].startswith("round,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert (two_rounds / "ctrl/curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_test_controller_plays_best_pt_with_its_own_m(two_rounds, tmp_path):
+    logdir = tmp_path / "copy"
+    shutil.copytree(two_rounds, logdir)
+    best = load_checkpoint(logdir / "ctrl/best.pt")
+    assert "mdrnn" in best and best["action_repeat"] == 1
+    # a C that leans on h, and an M of its own far from L/mdrnn's, so that playing the wrong M shows
+    torch.manual_seed(5)
+    best["state_dict"] = {k: torch.randn_like(v) for k, v in best["state_dict"].items()}
+    best["mdrnn"]["state_dict"] = {k: 3 * torch.randn_like(v) for k, v in best["mdrnn"]["state_dict"].items()}
+    save_checkpoint(logdir / "ctrl/best.pt", best)
+    played = subprocess.run(
+        [sys.executable, str(ROOT / "test_controller.py"), "--logdir", str(logdir), "--episodes", "2",
+         "--max-steps", "60", "--workers", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert played.returncode == 0, played.stderr[-2000:]
+    rows = (logdir / "ctrl/eval/returns.csv").read_text().splitlines()[1:]
+    returns = [float(line.split(",")[2]) for line in rows]
+    controller = Controller(LATENT, HIDDEN, 3)
+    controller.load_state_dict(best["state_dict"])
+    env = make_env()
+    by_hand = {}
+    for which, mdrnn in (("own", mdrnn_from_state(best["mdrnn"])), ("stage", load_mdrnn(logdir))):
+        agent = Agent(load_vae(logdir), mdrnn, controller)
+        by_hand[which] = [run_episode(env, agent, seed, 60)[0] for seed in holdout_seeds(0, 2)]
+    env.close()
+    assert by_hand["own"] != pytest.approx(by_hand["stage"], abs=1e-3)  # the M played matters here
+    assert returns == pytest.approx(by_hand["own"], abs=1e-4)  # returns.csv keeps 6 digits
+    loaded, _, _ = test_controller.load_agent(str(logdir))
+    assert torch.equal(loaded.mdrnn.head.weight, best["mdrnn"]["state_dict"]["head.weight"])
+
+
+def test_two_rounds_equal_one_plus_resume_and_a_killed_round_reruns_the_same(world, two_rounds, tmp_path):
+    straight = tmp_path / "straight"
+    for stage in ("vae", "mdrnn"):
+        shutil.copytree(world / stage, straight / stage)
+    ok(run(straight, *SMALL, "--rounds", "2"))
+    same_files(straight, two_rounds)
+
+    killed = tmp_path / "killed"
+    for stage in ("vae", "mdrnn"):
+        shutil.copytree(world / stage, killed / stage)
+    (killed / "ctrl").mkdir()
+    shutil.copy(two_rounds / "last_after_1.pt", killed / "ctrl/last.pt")
+    for name in ("best.pt", "log.csv"):  # round 1's files, as round 1 left them
+        shutil.copy(two_rounds / "ctrl" / name, killed / "ctrl" / name)
+    shutil.copytree(two_rounds / "ctrl/rollouts/round_001", killed / "ctrl/rollouts/round_001")
+    env = dict(os.environ, WORLD_MODELS_KILL_AT_WRITE="2")  # inside round 2's second collected rollout
+    died = run(killed, *SMALL, "--rounds", "2", env=env)
+    assert died.returncode == -signal.SIGKILL, (died.returncode, died.stderr[-2000:])
+    assert load_checkpoint(killed / "ctrl/last.pt")["round"] == 1  # round 2 was not committed
+    ok(run(killed, *SMALL, "--rounds", "2"))
+    same_files(killed, two_rounds)
+
+
+def test_a_resume_with_other_settings_or_of_another_kind_is_refused(two_rounds, tmp_path):
+    logdir = tmp_path / "copy"
+    shutil.copytree(two_rounds, logdir)
+    other = run(logdir, *[("7" if flag == "3" else flag) for flag in SMALL], "--rounds", "3")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines()[-1].startswith("error: ") and "--updates 3" in other.stderr
+    cmaes = subprocess.run(
+        [sys.executable, str(ROOT / "traincontroller.py"), "--logdir", str(logdir), "--generations", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cmaes.returncode == 2 and "is an --imagine run" in cmaes.stderr and "Traceback" not in cmaes.stderr
