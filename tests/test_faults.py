@@ -20,9 +20,8 @@ so "every write" below is every write. Then, per stage:
   skipped or repaired with a warning instead).
 
 Every case here is marked `faults`: `make faults` (`pytest -m faults tests/test_faults.py`)
-runs them all. `make test` (pytest.ini deselects `faults_extra`) runs the damaged inputs but
-random bytes (unreadable, as a truncated file is), the write count check and a sample of the
-kill points (KILL_SAMPLE: a pool worker's kill in data, a kill inside M's epoch loop, one in
+runs them all. `make test` (pytest.ini deselects `faults_extra`) runs the truncated and the
+pickled damaged inputs, the write count check and a sample of the kill points (KILL_SAMPLE: a pool worker's kill in data, a kill inside M's epoch loop, one in
 the test episodes).
 
 The stages run as a user runs them, `python SCRIPT ARGS` in a process of their own, but
@@ -490,7 +489,9 @@ READS = [  # (stage, the file it reads, relative to the run root, what the stage
 def _damage_cases():
     for stage, name, expect in READS:
         for kind in DAMAGE:
-            marks = (pytest.mark.faults_extra,) if kind == "random" else ()  # unreadable, like truncated
+            # make test: a cut file and a pickle that would run code; make faults adds random bytes
+            # (unreadable, as a cut file is) and a valid file of another kind
+            marks = (pytest.mark.faults_extra,) if kind in ("random", "foreign") else ()
             yield pytest.param(
                 stage, name, expect, kind, marks=marks, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}"
             )
