@@ -34,9 +34,11 @@ RAY_ADDRESS ?=
 VAE_EPOCHS ?=
 MDRNN_EPOCHS ?=
 SEQ_LEN ?=
-# real: C learns in the real env; dream: inside M (--dream), at TEMPERATURE
+# real: C learns in the real env (CMA-ES); dream: CMA-ES inside M (--dream), at TEMPERATURE;
+# imagine: an actor-critic through M, in ROUNDS rounds that collect real rollouts (--imagine)
 CTRL_MODE ?= real
 TEMPERATURE ?=
+ROUNDS ?=
 # a training episode ends after this many frames without a new tile (0: never)
 STALL_FRAMES ?=
 # CMA-ES population, tracks per candidate, generations, and the evaluations of its mean
@@ -64,14 +66,15 @@ PY := $(VENV)/bin/python
 # .venv is made only when PY is its interpreter: `make smoke PY=/some/python` uses that one as it is
 VENV_DEP := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 
-ifeq ($(filter $(CTRL_MODE),real dream),)
-$(error CTRL_MODE must be real or dream, not '$(CTRL_MODE)')
+ifeq ($(filter $(CTRL_MODE),real dream imagine),)
+$(error CTRL_MODE must be real, dream or imagine, not '$(CTRL_MODE)')
 endif
 # `$(call flag,VAR,--flag)`: "--flag $(VAR)" when VAR is set, nothing when it is empty (the script's default)
 flag = $(if $($(1)),$(2) $($(1)))
 POOL_FLAGS = $(call flag,WORKERS,--workers) $(call flag,BACKEND,--backend) $(call flag,RAY_ADDRESS,--ray-address)
 AGENT_FLAGS = $(POOL_FLAGS) $(call flag,ENVS_PER_WORKER,--envs-per-worker) $(call flag,EPISODE_STEPS,--max-steps)
-CTRL_FLAGS = $(if $(filter dream,$(CTRL_MODE)),--dream $(call flag,TEMPERATURE,--temperature),$(call flag,STALL_FRAMES,--stall-frames))
+CTRL_FLAGS = $(if $(filter dream,$(CTRL_MODE)),--dream $(call flag,TEMPERATURE,--temperature),\
+	$(if $(filter imagine,$(CTRL_MODE)),--imagine $(call flag,ROUNDS,--rounds),$(call flag,STALL_FRAMES,--stall-frames)))
 # each stage runs through reporting/timing.py: one row per run (stage, seconds, started, status, command)
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
 TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage
