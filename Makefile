@@ -109,6 +109,7 @@ bench: venv
 	$(PY) bench/bench_mdrnn.py
 	$(PY) bench/bench_controller.py
 	$(PY) bench/bench_dream.py
+	$(PY) bench/bench_imagine.py
 	$(PY) -c "import ray" 2>/dev/null && $(PY) bench/bench_ray.py || echo "bench_ray.py skipped: pip install -r requirements-ray.txt"
 
 clean-venv:
