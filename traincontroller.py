@@ -197,6 +197,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"dream temperature tau, with --dream (default {profile.TEMPERATURE})",
     )
     add(
+        "--dream-starts",
+        choices=("mid", "first"),
+        default="mid",
+        help="with --dream: start dream episodes anywhere in the real rollouts, with M's state there (mid, "
+        "default), or at a rollout's first frame with M's state at zero (first)",
+    )
+    add(
         "--display",
         action="store_true",
         help="watch the current best C drive in a window (a low-priority process)",
@@ -215,6 +222,7 @@ def search_settings(args: argparse.Namespace, action_repeat: int) -> dict:
         dream=args.dream,
         stall_frames=None if args.dream else args.stall_frames,
         temperature=args.temperature if args.dream else None,
+        dream_starts=args.dream_starts if args.dream else None,
     )
 
 
@@ -375,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
 
     k, started, frames_before, dream_steps = settings["action_repeat"], time.perf_counter(), search.frames, 0
     dream = (
-        DreamEvaluator(args.logdir, settings["temperature"], -(-args.max_steps // k))
+        DreamEvaluator(
+            args.logdir,
+            settings["temperature"],
+            -(-args.max_steps // k),
+            mid_episode=settings["dream_starts"] == "mid",
+        )
         if settings["dream"]
         else None
     )

@@ -22,7 +22,7 @@ import torch
 
 from agent.display import display_problem
 from agent.population import Scores
-from agent.world import load_dream_starts, load_mdrnn, load_vae, world_action_repeat
+from agent.world import load_dream_starts, load_mdrnn, load_mid_episode_starts, load_vae, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS
 from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, episode_noise
 from models.controller import batched_actions
@@ -50,17 +50,18 @@ def make_dream_env(
 
 def _batched_noise(
     seeds: Sequence[int], starts: torch.Tensor, steps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack `episode_noise` for several seeds: z0 (N, L), uniform (T, N, L), normal (T, N, L)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Stack `episode_noise` for several seeds: z0 (N, L), uniform (T, N, L), normal (T, N, L), start indices."""
     latent_size = starts.shape[-1]
-    z0, uniforms, normals = [], [], []
+    z0, uniforms, normals, picked = [], [], [], []
     for seed in seeds:
         start, eps0, uniform, normal = episode_noise(seed, len(starts), steps, latent_size)
         mu, logsigma = starts[start]
         z0.append(mu + logsigma.exp() * eps0)
         uniforms.append(uniform)
         normals.append(normal)
-    return torch.stack(z0), torch.stack(uniforms, dim=1), torch.stack(normals, dim=1)
+        picked.append(start)
+    return torch.stack(z0), torch.stack(uniforms, dim=1), torch.stack(normals, dim=1), picked
 
 
 class _BatchedDreamStep:
@@ -115,9 +116,10 @@ def dream_returns(
     starts: torch.Tensor,
     temperature: float = 1.0,
     max_steps: int = DEFAULT_MAX_STEPS,
+    start_hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(returns, steps), each (P, N): P controllers (flat_params (P, n)) each dreaming the N
-    episodes `seeds`.
+    episodes `seeds` (from `starts`, and M's (h, c) there from `start_hidden` (S, 2, H) if given).
 
     All P*N episodes advance together: one batched controller matmul and one LSTM step per
     time step. An episode stops accumulating reward once M says it is done; the loop ends
@@ -126,11 +128,18 @@ def dream_returns(
     device = next(mdrnn.parameters()).device
     n_pop, n_eps = flat_params.shape[0], len(seeds)
     latent, hidden = mdrnn.latent_size, mdrnn.hidden_size
-    z0, uniform, normal = (x.to(device) for x in _batched_noise(seeds, starts, max_steps))
+    z0, uniform, normal, picked = _batched_noise(seeds, starts, max_steps)
+    z0, uniform, normal = z0.to(device), uniform.to(device), normal.to(device)
     params = flat_params.to(device=device, dtype=torch.float32)
     step = _BatchedDreamStep(mdrnn, temperature)
     z = z0.expand(n_pop, n_eps, latent).reshape(-1, latent)  # (P*N, L): same starts for every candidate
-    h, c = mdrnn.initial_state(n_pop * n_eps, device)
+    if start_hidden is None:
+        h, c = mdrnn.initial_state(n_pop * n_eps, device)
+    else:  # (P*N, H) each, candidate-major like z
+        h, c = (
+            s.to(device).expand(n_pop, n_eps, hidden).reshape(-1, hidden)
+            for s in start_hidden[picked].unbind(1)
+        )
     total = torch.zeros(n_pop * n_eps, device=device)
     alive = torch.ones(n_pop * n_eps, dtype=torch.bool, device=device)
     steps = torch.zeros(n_pop * n_eps, dtype=torch.long, device=device)
@@ -167,9 +176,13 @@ class DreamEvaluator:
         temperature: float = 1.0,
         max_steps: int = DEFAULT_MAX_STEPS,
         device: str = "cpu",
+        mid_episode: bool = True,
     ) -> None:
         self.mdrnn = load_mdrnn(logdir, device)
-        self.starts = load_dream_starts(logdir)
+        if mid_episode:  # anywhere in the real rollouts, with M's state there
+            self.starts, self.start_hidden = load_mid_episode_starts(logdir, self.mdrnn)
+        else:  # a rollout's first frame, M's state at zero
+            self.starts, self.start_hidden = load_dream_starts(logdir), None
         self.temperature, self.max_steps = temperature, max_steps
 
     def evaluate(
@@ -181,7 +194,7 @@ class DreamEvaluator:
         started = time.perf_counter()
         params = torch.from_numpy(np.stack(candidates).astype(np.float32))  # (P, n_params)
         returns, steps = dream_returns(
-            self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps
+            self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps, self.start_hidden
         )
         if on_episodes is not None:
             on_episodes(returns.numel())  # the whole population at once

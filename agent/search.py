@@ -60,6 +60,7 @@ class Search:
         stall_frames: int | None = None,
         dream: bool = False,
         temperature: float | None = None,
+        dream_starts: str | None = None,
     ) -> None:
         self.config = dict(config)
         # Everything that decides what the saved fitness values measured: a resume must match it.
@@ -71,6 +72,7 @@ class Search:
             stall_frames=stall_frames,
             dream=bool(dream),
             temperature=temperature,
+            dream_starts=dream_starts,
         )
         self.es = _new_strategy(self.config, pop_size, sigma0, seed)
         self.generation = 0

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agent.imagine import start_states
 from data.latents import load_latent_cache
 from envs.carracing import ACTION_SIZE
 from models.controller import Controller
@@ -101,6 +102,21 @@ def load_best_controller(
             f"{path} does not hold controller weights ({type(error).__name__}); retrain it: {retrain}"
         ) from None
     return controller.eval(), state
+
+
+def load_mid_episode_starts(
+    logdir: str | Path, mdrnn: MDRNNCell | None = None, every: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dream starts anywhere in the real rollouts: (S, 2, L) V posteriors (mu, logsigma) of every
+    `every`-th frame of every cached rollout, and (S, 2, H) M's (h, c) there, M having read
+    the rollout up to that frame as the agent's M does (`agent.imagine.start_states`)."""
+    rollouts = load_latent_cache(logdir)
+    mdrnn = mdrnn if mdrnn is not None else load_mdrnn(logdir)
+    _, h, c = start_states(mdrnn, rollouts)  # every step but each rollout's last
+    mu = np.concatenate([r["mu"][:-1] for r in rollouts])
+    logsigma = np.concatenate([r["logsigma"][:-1] for r in rollouts])
+    posterior = torch.from_numpy(np.stack([mu, logsigma], axis=1))  # (N, 2, L)
+    return posterior[::every].contiguous(), torch.stack([h, c], dim=1)[::every].contiguous()
 
 
 def load_dream_starts(logdir: str | Path) -> torch.Tensor:

@@ -10,7 +10,8 @@ time: its observation is [z, h] (what C sees); `render()` decodes z with V's dec
 drive it by keyboard) and steps whole populations at once (`dream_returns`).
 
 Both draw every random number of an episode from its seed alone (`episode_noise`): the start
-(a real rollout's first frame from the latent cache, z_0 ~ V's posterior) and, for each step,
+(a real frame from the latent cache, z_0 ~ V's posterior: a rollout's first frame with M's
+state at zero, or any frame with M's state there, `start_hidden`) and, for each step,
 one uniform (picks the mixture component) and one normal per latent dimension. So a batch
 and the single env give the same returns for the same seeds and controllers, and all the
 candidates of a generation dream the same worlds (common random numbers).
@@ -62,13 +63,17 @@ class SimulatedCarRacing(gym.Env):
         temperature: float = 1.0,
         render_mode: str | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
+        start_hidden: torch.Tensor | None = None,
     ) -> None:
-        """M (one-step), the start posteriors (S, 2, L), and V for rendering (needed with a render_mode)."""
+        """M (one-step), the start posteriors (S, 2, L), and V for rendering (needed with a render_mode).
+
+        `start_hidden` (S, 2, H), M's (h, c) at each start (a start mid-episode); None: zeros (a
+        rollout's first frame)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if render_mode is not None and vae is None:
             raise ValueError("rendering the dream needs V (vae=...)")
-        self.mdrnn, self.starts, self.vae = mdrnn, starts, vae
+        self.mdrnn, self.starts, self.vae, self.start_hidden = mdrnn, starts, vae, start_hidden
         self.temperature, self.max_steps, self.render_mode = temperature, max_steps, render_mode
         latent, hidden = self.mdrnn.latent_size, self.mdrnn.hidden_size
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (latent + hidden,), np.float32)
@@ -87,7 +92,11 @@ class SimulatedCarRacing(gym.Env):
         latent = self.mdrnn.latent_size
         start, eps0, uniform, normal = episode_noise(seed, len(self.starts), self.max_steps, latent)
         mu, logsigma = self.starts[start]
-        h, c = self.mdrnn.initial_state(1, "cpu")
+        h, c = (
+            self.mdrnn.initial_state(1, "cpu")
+            if self.start_hidden is None
+            else self.start_hidden[start : start + 1].unbind(1)
+        )
         self._state = {
             "z": (mu + logsigma.exp() * eps0).unsqueeze(0),
             "h": h,

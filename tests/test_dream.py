@@ -69,8 +69,10 @@ def test_same_seed_same_episode_and_truncation(world):
     assert truncated and not terminated
 
 
-def test_batched_returns_equal_one_by_one_episodes(world):
-    """Same episode lengths exactly; the same returns to float32 rounding, not bit for bit.
+@pytest.mark.parametrize("mid_episode", [False, True])
+def test_batched_returns_equal_one_by_one_episodes(world, mid_episode):
+    """Same episode lengths exactly (from first frames with M's state at zero, or mid-episode
+    starts with M's state there); the same returns to float32 rounding, not bit for bit.
 
     Measured (these 12 episodes of up to 40 steps): |batched - single| <= 9.6e-7 on returns of
     3.4..6.4, i.e. about 2 float32 ulps. Two causes: (1) the batched LSTM step
@@ -88,9 +90,10 @@ def test_batched_returns_equal_one_by_one_episodes(world):
         torch.nn.init.normal_(c.fc.weight, std=0.5)
     flat = torch.from_numpy(np.stack([get_flat_params(c) for c in controllers]))
     seeds = [10, 11, 12, 13]
-    batched, batched_steps = dream_returns(cell, flat, seeds, starts, temperature=1.15, max_steps=40)
+    hidden = torch.randn(len(starts), 2, HIDDEN) * 0.5 if mid_episode else None
+    batched, batched_steps = dream_returns(cell, flat, seeds, starts, 1.15, 40, start_hidden=hidden)
     assert batched.shape == batched_steps.shape == (3, 4)
-    env = SimulatedCarRacing(mdrnn=cell, starts=starts, temperature=1.15, max_steps=40)
+    env = SimulatedCarRacing(mdrnn=cell, starts=starts, temperature=1.15, max_steps=40, start_hidden=hidden)
     lengths = set()
     for p, controller in enumerate(controllers):
         for j, seed in enumerate(seeds):
@@ -100,6 +103,9 @@ def test_batched_returns_equal_one_by_one_episodes(world):
             assert steps == int(batched_steps[p, j])
     assert len(lengths) > 1, "episodes of different lengths exercise the done mask"
     assert not torch.allclose(batched[0], batched[1]), "different controllers, different returns"
+    if mid_episode:  # the starting state counts: from zero it is another dream
+        from_zero, _ = dream_returns(cell, flat, seeds, starts, 1.15, 40)
+        assert not torch.allclose(from_zero, batched, atol=1e-3)
 
 
 def test_temperature_widens_the_sampled_latents(world):

@@ -21,8 +21,8 @@ so "every write" below is every write. Then, per stage:
 
 Every case here is marked `faults`: `make faults` (`pytest -m faults tests/test_faults.py`)
 runs them all. `make test` (pytest.ini deselects `faults_extra`) runs the truncated and the
-pickled damaged inputs, the write count check and a sample of the kill points (KILL_SAMPLE: a pool worker's kill in data, a kill inside M's epoch loop, one in
-the test episodes).
+pickled damaged inputs, the write count check and a sample of the kill points (KILL_SAMPLE:
+a pool worker's kill in data, a kill inside M's epoch loop, one in the test episodes).
 
 The stages run as a user runs them, `python SCRIPT ARGS` in a process of their own, but
 forked from a helper that has imported torch and the project once (`Stages`), so that the
