@@ -35,6 +35,8 @@ from agent.imagine import (
     fine_tune_m,
     load_collected,
     one_step,
+    predicted_returns,
+    recent_weights,
     save_collected,
     start_states,
 )
@@ -491,13 +493,14 @@ IMAGINE_FIELDS = [
     "imagined_steps_per_s",
     "eval_mean",
     "eval_std",
+    "eval_dream_mean",
     "collect_mean",
     "time_s",
     "env_frames",
     "wall_min",
 ]
 IMAGINE_PANELS = {
-    "real return": ["eval_mean", "collect_mean"],
+    "return (real; M's prediction for the same tracks)": ["eval_mean", "collect_mean", "eval_dream_mean"],
     "imagination": ["imagined_return", "value"],
     "losses": ["m_loss", "critic_loss"],
     "exploration std": ["action_std"],
@@ -552,26 +555,34 @@ def resume_or_start_imagining(
     return run
 
 
-def learn_in_imagination(run: ImagineRun, cell, starts, round_: int) -> dict[str, float]:
-    """The round's actor-critic updates from random real start states; the mean of their stats."""
+def learn_in_imagination(
+    run: ImagineRun, cell, starts, weights: torch.Tensor, round_: int
+) -> dict[str, float]:
+    """The round's actor-critic updates from real start states drawn by `weights`; the mean of their stats."""
     z, h, c = starts
     s, sums, t0 = run.settings, {}, time.perf_counter()
     for _ in tqdm(range(s.updates), unit="update", desc=f"round {round_} imagination", dynamic_ncols=True):
-        picks = torch.randint(len(z), (s.batch,))
+        picks = torch.multinomial(weights, s.batch, replacement=True)
         for key, value in run.learner.update(cell, z[picks], h[picks], c[picks]).items():
             sums[key] = sums.get(key, 0.0) + value / s.updates
     return sums | dict(imagined_steps_per_s=s.updates * s.batch * s.horizon / (time.perf_counter() - t0))
 
 
-def collect_rollouts(pool, run: ImagineRun, round_: int, max_frames: int) -> list[dict]:
-    """The round's real rollouts: the actor's C plus its exploration noise on fresh tracks."""
+def play_round(pool, run: ImagineRun, round_: int, max_frames: int) -> list[dict]:
+    """The round's real rollouts: first C alone on fresh evaluation tracks (its evaluation, kept
+    as data too), then C plus the actor's exploration noise on fresh collection tracks."""
     s = run.settings
     params = get_flat_params(run.learner.actor.controller)
     std = run.learner.actor.log_std.detach().exp().double().numpy()
-    tracks = collect_seeds(s.seed, round_, s.collect_episodes)
     noise = np.random.SeedSequence([s.seed, round_]).generate_state(s.collect_episodes)
-    tasks = [(CollectTask(params, std, track, int(n), max_frames),) for track, n in zip(tracks, noise)]
-    with tqdm(total=len(tasks), unit="ep", desc=f"round {round_} collection", dynamic_ncols=True) as bar:
+    tasks = [
+        (CollectTask(params, np.zeros_like(std), track, 0, max_frames),)
+        for track in eval_seeds(s.seed, round_, s.eval_episodes)
+    ] + [
+        (CollectTask(params, std, track, int(n), max_frames),)
+        for track, n in zip(collect_seeds(s.seed, round_, s.collect_episodes), noise)
+    ]
+    with tqdm(total=len(tasks), unit="ep", desc=f"round {round_} real episodes", dynamic_ncols=True) as bar:
         return pool.map(collect_task, tasks, on_result=lambda index, result: bar.update())
 
 
@@ -591,7 +602,7 @@ def train_in_imagination(args: argparse.Namespace) -> int:
             f"nothing to do: --rounds {args.rounds} reached (raise it to go on, or --noreload to start afresh)"
         )
         return 0
-    workers = min(args.workers, max(task_count(1, s.eval_episodes, args.envs_per_worker), s.collect_episodes))
+    workers = min(args.workers, s.eval_episodes + s.collect_episodes)
     print(
         f"C in imagination: rounds {run.round + 1}..{args.rounds} of {s.updates} updates of {s.batch} x "
         f"{s.horizon} imagined steps, {s.eval_episodes} evaluation and {s.collect_episodes} collected "
@@ -602,35 +613,39 @@ def train_in_imagination(args: argparse.Namespace) -> int:
         while run.round < args.rounds:
             t0, round_ = time.perf_counter(), run.round + 1
             torch.manual_seed(int(np.random.SeedSequence([s.seed, round_]).generate_state(1)[0]))
-            rollouts = initial + load_collected([ctrl_dir / name for name in run.collected])
+            collected = load_collected([ctrl_dir / name for name in run.collected])
+            rollouts, recent = initial + collected, np.arange(len(initial) + len(collected)) >= len(initial)
             row: dict = dict(round=round_)
-            if run.collected and s.m_updates:  # new real data since M last learned: fine-tune on all of it
+            if collected and s.m_updates:  # new real data since M last learned: fine-tune on all of it
                 rng = np.random.default_rng([s.seed, round_])
                 row["m_loss"] = fine_tune_m(
-                    run.mdrnn, run.m_opt, rollouts, s.m_updates, s.m_batch, s.seq_len, rng
+                    run.mdrnn, run.m_opt, rollouts, s.m_updates, s.m_batch, s.seq_len, rng, recent, s.recent
                 )
             cell = one_step(run.mdrnn)
-            row |= learn_in_imagination(run, cell, start_states(cell, rollouts), round_)
+            states = np.array([len(r["actions"]) - 1 for r in rollouts])  # start states per rollout
+            weights = torch.from_numpy(np.repeat(recent_weights(states, recent, s.recent), states))
+            row |= learn_in_imagination(run, cell, start_states(cell, rollouts), weights, round_)
             with make_agent_pool(args, config, k, workers, run.mdrnn_state()) as pool:
-                seeds = eval_seeds(s.seed, round_, s.eval_episodes)
-                real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)
-                evaluation = score(
-                    real, [get_flat_params(run.learner.actor.controller)], seeds, f"round {round_} evaluation"
-                )
-                collected = collect_rollouts(pool, run, round_, args.max_steps)
-            names = [f"{COLLECTED}/round_{round_:03d}/rollout_{i}.npz" for i in range(len(collected))]
-            for name, arrays in zip(names, collected):
+                played = play_round(pool, run, round_, args.max_steps)
+            names = [f"{COLLECTED}/round_{round_:03d}/rollout_{i}.npz" for i in range(len(played))]
+            for name, arrays in zip(names, played):
                 save_collected(ctrl_dir / name, arrays, vae)
             run.round, run.collected = round_, run.collected + names
-            run.frames += evaluation.real_frames + sum(int(a["seed"][2]) for a in collected)
+            run.frames += sum(int(a["seed"][2]) for a in played)  # every real frame, evaluations included
             run.seconds += time.perf_counter() - t0
-            row |= dict(eval_mean=float(evaluation.returns.mean()), eval_std=float(evaluation.returns.std()))
-            row["collect_mean"] = (
-                float(np.mean([a["rewards"].sum() for a in collected])) if collected else None
+            returns = np.array([float(a["rewards"].sum()) for a in played])
+            evaluation, noisy = returns[: s.eval_episodes], returns[s.eval_episodes :]
+            row |= dict(eval_mean=float(evaluation.mean()), eval_std=float(evaluation.std()))
+            # the gap: what M predicts for C from the same first frames, over as many steps
+            firsts = torch.cat(
+                [vae.encode_frames(a["observations"][:1])[0] for a in played[: s.eval_episodes]]
             )
+            predicted = predicted_returns(cell, run.learner.actor, firsts, -(-args.max_steps // k))
+            row["eval_dream_mean"] = float(predicted.mean())
+            row["collect_mean"] = float(noisy.mean()) if len(noisy) else None
             improved = run.record_eval(row["eval_mean"])
             if improved:
-                save_checkpoint(best_path, run.best_checkpoint(row["eval_std"], len(seeds)))
+                save_checkpoint(best_path, run.best_checkpoint(row["eval_std"], s.eval_episodes))
             save_checkpoint(last_path, run.state())
             log.append(
                 row | dict(time_s=time.perf_counter() - t0, env_frames=run.frames, wall_min=run.seconds / 60)
@@ -639,7 +654,7 @@ def train_in_imagination(args: argparse.Namespace) -> int:
                 log.path, ctrl_dir / "curves.png", "round", IMAGINE_PANELS, title="controller (imagination)"
             )
             print(
-                f"round {round_}: C returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} on {len(seeds)} fresh "
+                f"round {round_}: C returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} on {s.eval_episodes} fresh "
                 f"tracks{' (best so far -> best.pt)' if improved else ''}; {run.frames} real env frames",
                 flush=True,
             )

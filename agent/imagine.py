@@ -36,19 +36,24 @@ class ImagineSettings:
     gamma: float = 0.99  # per agent step
     lam: float = 0.95  # TD(lambda)
     batch: int = 256  # start states per update
-    updates: int = 300  # actor-critic updates per round
+    updates: int = 600  # actor-critic updates per round
     actor_lr: float = 1e-3
     critic_lr: float = 3e-4
     entropy: float = 1e-3  # weight of the exploration bonus, against normalised returns
     target_tau: float = 0.02  # the target critic follows the critic by this much per update
     init_std: float = 0.5  # exploration noise on C's pre-squash output at the start
-    m_updates: int = 200  # M fine-tuning batches per round (0: M stays as trained)
+    m_updates: int = 300  # M fine-tuning batches per round (0: M stays as trained)
     m_lr: float = 3e-4
     m_batch: int = 32
     seq_len: int = 32
     temperature: float = 1.0  # M's sampling temperature in imagination
-    collect_episodes: int = 32  # real rollouts collected per round with the noisy actor
-    eval_episodes: int = 16  # real evaluation episodes of the deterministic actor per round
+    collect_episodes: int = 16  # real rollouts collected per round with the noisy actor
+    eval_episodes: int = (
+        16  # real evaluation episodes of the deterministic actor per round (kept as data too)
+    )
+    recent: float = (
+        0.5  # share of start states and of M's windows drawn from the rollouts the rounds collected
+    )
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -157,15 +162,21 @@ def fine_tune_m(
     batch_size: int,
     seq_len: int,
     rng: np.random.Generator,
+    recent: np.ndarray | None = None,
+    share: float = 0.5,
 ) -> float:
-    """`updates` Adam steps of M's own loss on random windows of `rollouts`; the mean loss."""
+    """`updates` Adam steps of M's own loss on random windows of `rollouts`; the mean loss. Every
+    window is as likely as any other, except that the `recent` rollouts (a bool mask), when
+    given, get `share` of the draws."""
     lengths = np.array([len(r["actions"]) for r in rollouts])
     starts_per_rollout = np.maximum(lengths - seq_len, 0) + 1
+    recent = np.zeros(len(rollouts), bool) if recent is None else recent
+    chance = starts_per_rollout * recent_weights(starts_per_rollout, recent, share)
     keys = ("mu", "logsigma", "actions", "rewards", "terminals")
     data = [{key: r[key] for key in keys} for r in rollouts]
     total = 0.0
     for _ in range(updates):
-        picks = rng.choice(len(rollouts), batch_size, p=starts_per_rollout / starts_per_rollout.sum())
+        picks = rng.choice(len(rollouts), batch_size, p=chance / chance.sum())
         windows = [(int(i), int(rng.integers(starts_per_rollout[i]))) for i in picks]
         batch = collate_windows(data, windows, seq_len, ("mu", "logsigma"))
         loss = batch_loss(mdrnn, batch, torch.device("cpu"), 1.0, 1.0)["loss"]
@@ -175,6 +186,27 @@ def fine_tune_m(
         optimizer.step()
         total += loss.detach().item()
     return total / max(updates, 1)
+
+
+def recent_weights(sizes: np.ndarray, recent: np.ndarray, share: float) -> np.ndarray:
+    """Per-item weights that give the `recent` items (a bool mask) `share` of the total weight of
+    `sizes` (each item's own count: windows, states), all items alike within each group; the
+    items' own proportions when one group is empty."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if recent.all() or not recent.any():
+        return np.ones(len(sizes))
+    return np.where(recent, share / sizes[recent].sum(), (1 - share) / sizes[~recent].sum()) * sizes.sum()
+
+
+@torch.no_grad()
+def predicted_returns(
+    mdrnn: MDRNNCell, actor: Actor, first_latents: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """(N,) the return M predicts for C (the actor without noise) from real first frames z (N, L)
+    over `steps` steps, each reward weighted by M's chance that the episode is still going: the
+    dream's side of the dream-to-real gap."""
+    traj = imagine(mdrnn, actor, first_latents, mdrnn.initial_state(len(first_latents)), steps, sample=False)
+    return (discount_weights(traj.continues, 1.0) * traj.rewards).sum(0)
 
 
 def one_step(mdrnn: MDRNN) -> MDRNNCell:

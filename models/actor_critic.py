@@ -77,14 +77,16 @@ def imagine(
     hidden: tuple[torch.Tensor, torch.Tensor],
     horizon: int,
     temperature: float = 1.0,
+    sample: bool = True,
 ) -> Imagined:
-    """Roll M forward `horizon` steps from z (B, L) and hidden (h, c) (B, Hd) with the actor acting.
+    """Roll M forward `horizon` steps from z (B, L) and hidden (h, c) (B, Hd) with the actor acting
+    (with its noise, or as C alone with sample=False).
 
     Differentiable end to end: actions are reparameterised, next latents are mu_k + sigma_k * eps.
     """
     zs, hs, rewards, continues = [z], [hidden[0]], [], []
     for _ in range(horizon):
-        action = actor(z, hidden[0])
+        action = actor(z, hidden[0], sample)
         out = mdrnn(z, action, hidden)
         z = sample_gmm(out.mu, out.logsigma, out.logpi, temperature)  # (B, L), gradients via mu, sigma
         hidden = out.hidden

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from agent.imagine import ImagineSettings, Learner, fine_tune_m, one_step, start_states
+from agent.imagine import (
+    ImagineSettings,
+    Learner,
+    fine_tune_m,
+    one_step,
+    predicted_returns,
+    recent_weights,
+    start_states,
+)
 from models.actor_critic import Actor, discount_weights, imagine, lambda_returns
 from models.mdrnn import MDRNN, MDRNNCell
 
@@ -120,3 +128,23 @@ def test_actor_without_noise_is_c(sample):
     z, h = torch.randn(6, LATENT), torch.randn(6, HIDDEN)
     same = torch.equal(actor(z, h, sample=sample), actor.controller(z, h))
     assert same != sample  # noise changes the action; without it the actor is exactly C
+
+
+def test_recent_rollouts_get_their_share_of_the_draws():
+    sizes, recent = np.array([100, 300, 10, 30]), np.array([False, False, True, True])
+    weights = recent_weights(sizes, recent, 0.5)
+    chance = sizes * weights / (sizes * weights).sum()
+    assert chance[recent].sum() == pytest.approx(0.5) and chance[0] / chance[1] == pytest.approx(1 / 3)
+    assert chance[2] / chance[3] == pytest.approx(1 / 3)  # within a group, in proportion to the sizes
+    assert np.array_equal(recent_weights(sizes, np.zeros(4, bool), 0.5), np.ones(4))  # nothing collected yet
+
+
+@pytest.mark.parametrize("done_logit,expected", [(-30.0, 7 * 0.5), (30.0, 0.5)])
+def test_predicted_returns_weigh_rewards_by_the_chance_of_going_on(done_logit, expected):
+    """M that predicts reward 0.5 each step: 7 steps never done give 3.5; done at once, 0.5."""
+    mdrnn = MDRNNCell(LATENT, 3, HIDDEN, 3).requires_grad_(False)
+    with torch.no_grad():
+        mdrnn.head.weight.zero_()
+        mdrnn.head.bias[-2:] = torch.tensor([0.5, done_logit])
+    returns = predicted_returns(mdrnn, Actor(LATENT, HIDDEN, 3), torch.randn(4, LATENT), steps=7)
+    assert returns == pytest.approx([expected] * 4, abs=1e-6)

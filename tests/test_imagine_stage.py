@@ -1,6 +1,6 @@
 """`traincontroller.py --imagine` end to end at toy size, as a user runs it: random-init V
 (latent 8) and M (hidden 16) over 6 tiny real rollouts, rounds of a few updates, 2 evaluation
-and 2 collected episodes of 24 frames.
+and 2 noisy episodes of 24 frames, all four kept as rollouts.
 
 Covers: every real frame is counted (the initial rollouts, the evaluations, the collected
 rollouts, which are on disk); M is fine-tuned on the new data and best.pt carries it;
@@ -118,10 +118,10 @@ def test_every_real_frame_is_counted_and_m_is_fine_tuned(world, two_rounds, tiny
     last = load_checkpoint(two_rounds / "ctrl/last.pt")
     initial = sum(len(load_rollout(p)["actions"]) for p in tiny_dataset.rglob("rollout_*.npz"))  # k = 1
     collected = [dict(np.load(p)) for p in (two_rounds / "ctrl/rollouts").rglob("*.npz")]
-    assert len(collected) == 2 * 2 == len(last["collected"])
+    assert len(collected) == 2 * (2 + 2) == len(last["collected"])  # per round: 2 evaluations, 2 noisy
     assert all(len(r["actions"]) == FRAMES and r["mu"].shape == (FRAMES, LATENT) for r in collected)
-    evaluation = 2 * 2 * FRAMES  # two rounds of 2 full evaluation episodes
-    assert last["frames"] == initial + evaluation + sum(len(r["actions"]) for r in collected)
+    assert sorted(r["seed"][2] for r in collected) == [FRAMES] * 8  # each file says the frames it played
+    assert last["frames"] == initial + 8 * FRAMES
     # round 1 learns on the initial data; round 2 fine-tunes M on it and the collected rollouts first
     original = load_checkpoint(world / "mdrnn/best.pt")["state_dict"]
     after_1 = load_checkpoint(two_rounds / "last_after_1.pt")["mdrnn"]["state_dict"]
