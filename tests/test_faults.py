@@ -20,9 +20,10 @@ so "every write" below is every write. Then, per stage:
   skipped or repaired with a warning instead).
 
 Every case here is marked `faults`: `make faults` (`pytest -m faults tests/test_faults.py`)
-runs them all. `make test` (pytest.ini deselects `faults_extra`) runs the truncated and the
-pickled damaged inputs, the write count check and a sample of the kill points (KILL_SAMPLE:
-a pool worker's kill in data, a kill inside M's epoch loop, one in the test episodes).
+runs them all. `make test` (pytest.ini deselects `faults_extra`) runs every damaged input a
+stage refuses, the cut and the pickled ones of the files it skips, rebuilds or rewrites, the
+write count check and a sample of the kill points (KILL_SAMPLE: a pool worker's kill in data,
+a kill inside M's epoch loop, one in the test episodes).
 
 The stages run as a user runs them, `python SCRIPT ARGS` in a process of their own, but
 forked from a helper that has imported torch and the project once (`Stages`), so that the
@@ -489,9 +490,11 @@ READS = [  # (stage, the file it reads, relative to the run root, what the stage
 def _damage_cases():
     for stage, name, expect in READS:
         for kind in DAMAGE:
-            # make test: a cut file and a pickle that would run code; make faults adds random bytes
-            # (unreadable, as a cut file is) and a valid file of another kind
-            marks = (pytest.mark.faults_extra,) if kind in ("random", "foreign") else ()
+            # make test: every case that refuses (well under a second each), and for the files a stage
+            # skips, rebuilds or rewrites and then runs on (seconds each), a cut file and a pickle;
+            # make faults adds their random bytes (unreadable, as a cut file is) and foreign files
+            slow = expect != "fail" and kind in ("random", "foreign")
+            marks = (pytest.mark.faults_extra,) if slow else ()
             yield pytest.param(
                 stage, name, expect, kind, marks=marks, id=f"{stage}:{'/'.join(name.split('/')[-2:])}:{kind}"
             )
