@@ -1,21 +1,27 @@
 """Strip a trained logdir to what evaluation needs: V, M and C's best weights and configs.
 
     python -m reporting.export --logdir runs/p1/logdir --out pretrained/carracing-k4
+    python -m reporting.export --logdir runs/im2 --out pretrained/carracing-k4-imagine --share pretrained/carracing-k4
 
 The result is a logdir `test_controller.py --logdir OUT` reads like the original (same
 returns, bit for bit): `vae/best.pt`, `mdrnn/best.pt` and `ctrl/best.pt` keep their weights,
 configs and the few facts a reader wants (epochs, losses, generation, evaluated return,
 action repeat); optimizer states, RNG states, logs and the latent cache are left behind.
 The test's `ctrl/eval/returns.csv` and GIF come along when present, as `OUT/test_returns.csv`
-and `OUT/episode.gif` (outside `ctrl/eval/`, which a new test run rewrites).
+and `OUT/episode.gif` (outside `ctrl/eval/`, which a new test run rewrites). With `--share DIR`
+a stage whose weights equal DIR's (a C trained in imagination on the shipped V and M) becomes a
+relative symlink to DIR's file instead of a second copy.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
+
 from agent.world import load_best_controller, load_world
-from utils.checkpoint import BEST, require_checkpoint, save_checkpoint, stage_dir
+from utils.checkpoint import BEST, load_checkpoint, require_checkpoint, save_checkpoint, stage_dir
 from utils.cli import ArgumentParser, writable_dir
 from utils.files import atomic_write
 
@@ -31,6 +37,10 @@ KEEP = {  # stage -> the checkpoint entries evaluation and a curious reader need
         "eval_episodes",
         "search",
         "action_repeat",
+        "round",  # trained in imagination (--imagine): the round, its settings, its real frames
+        "imagine",
+        "frames",
+        "mdrnn",  # ... and the fine-tuned M it plays with
     ),
 }
 EVAL_FILES = {
@@ -39,14 +49,26 @@ EVAL_FILES = {
 }  # ctrl/eval/ name -> name in OUT
 
 
-def export(logdir: str | Path, out: str | Path) -> list[Path]:
-    """Write the stripped checkpoints (and the test's files) under `out`; returns the files written."""
+def _same_weights(a: dict, b: dict) -> bool:
+    x, y = a.get("state_dict", {}), b.get("state_dict", {})
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def export(logdir: str | Path, out: str | Path, share: str | Path | None = None) -> list[Path]:
+    """Write the stripped checkpoints (and the test's files) under `out`; returns the files written
+    (a stage whose weights equal `share`'s is a relative symlink to that file instead)."""
     _, _, config = load_world(logdir)  # one line if V or M is missing or they disagree
     load_best_controller(logdir, config)  # one line if C is missing or does not fit them
     written = []
     for stage, keys in KEEP.items():
         state = require_checkpoint(logdir, stage)
         path = stage_dir(out, stage) / BEST
+        shared = stage_dir(share, stage) / BEST if share is not None else None
+        if shared is not None and shared.is_file() and _same_weights(state, load_checkpoint(shared)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            path.symlink_to(os.path.relpath(shared.resolve(), path.parent.resolve()))
+            continue
         save_checkpoint(path, {key: state[key] for key in keys if key in state})
         written.append(path)
     for name, exported in EVAL_FILES.items():
@@ -67,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=writable_dir, required=True, help="the folder to write (e.g. pretrained/carracing-k4)"
     )
+    parser.add_argument(
+        "--share",
+        help="a shipped folder whose V or M this run used as is: link to its files instead of copying",
+    )
     args = parser.parse_args(argv)
-    written = export(args.logdir, args.out)
+    written = export(args.logdir, args.out, args.share)
     size = sum(p.stat().st_size for p in written) / 2**20
     print(
         f"exported {len(written)} files ({size:.1f} MB) to {args.out}; try: python test_controller.py "

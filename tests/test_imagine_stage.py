@@ -32,6 +32,7 @@ from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
+from reporting.export import export
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,16 +136,22 @@ def test_every_real_frame_is_counted_and_m_is_fine_tuned(world, two_rounds, tiny
     assert (two_rounds / "ctrl/curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_test_controller_plays_best_pt_with_its_own_m(two_rounds, tmp_path):
-    logdir = tmp_path / "copy"
-    shutil.copytree(two_rounds, logdir)
-    best = load_checkpoint(logdir / "ctrl/best.pt")
+def test_exported_best_pt_plays_with_its_own_m(world, two_rounds, tmp_path):
+    """Exported beside the shipped V and M it shares (symlinks), test_controller.py plays C with
+    the M in its best.pt."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(two_rounds, run_dir)
+    best = load_checkpoint(run_dir / "ctrl/best.pt")
     assert "mdrnn" in best and best["action_repeat"] == 1
     # a C that leans on h, and an M of its own far from L/mdrnn's, so that playing the wrong M shows
     torch.manual_seed(5)
     best["state_dict"] = {k: torch.randn_like(v) for k, v in best["state_dict"].items()}
     best["mdrnn"]["state_dict"] = {k: 3 * torch.randn_like(v) for k, v in best["mdrnn"]["state_dict"].items()}
-    save_checkpoint(logdir / "ctrl/best.pt", best)
+    save_checkpoint(run_dir / "ctrl/best.pt", best)
+    logdir = tmp_path / "exported"
+    export(run_dir, logdir, share=world)
+    assert (logdir / "vae/best.pt").is_symlink() and (logdir / "mdrnn/best.pt").is_symlink()
+    assert not (logdir / "ctrl/best.pt").is_symlink()
     played = subprocess.run(
         [sys.executable, str(ROOT / "test_controller.py"), "--logdir", str(logdir), "--episodes", "2",
          "--max-steps", "60", "--workers", "1"],
