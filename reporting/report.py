@@ -140,7 +140,13 @@ def score_section(report: Report) -> None:
         report.lack("test returns (ctrl/eval/returns.csv)", "test")
     else:
         best = load(report.logdir / "ctrl" / "best.pt") or {}
-        origin = f", C from CMA-ES generation {best['generation']}" if "generation" in best else ""
+        origin = (
+            f", C from round {best['round']} of learning in imagination"
+            if "round" in best
+            else f", C from CMA-ES generation {best['generation']}"
+            if "generation" in best
+            else ""
+        )
         report.add(f"**Score: {score_text(returns)}** on held-out tracks{origin}.", "")
         histogram(returns, report.out / "test_returns.png")
         report.add("![histogram of the test returns](test_returns.png)", "")
@@ -293,9 +299,16 @@ def ctrl_mode(report: Report) -> str:
 
 def ctrl_section(report: Report) -> None:
     folder = report.logdir / "ctrl"
-    report.add("## C (controller, CMA-ES)", "")
+    report.add("## C (controller)", "")
     best, last = load(folder / "best.pt"), load(folder / "last.pt")
-    if last is None:
+    if last is not None and "imagine" in last:  # traincontroller.py --imagine
+        settings = ", ".join(f"{k} {v}" for k, v in dict(last["imagine"]).items())
+        report.add(
+            f"{last.get('round', '?')} rounds of learning in imagination ({settings}), "
+            f"{int(last.get('frames', 0))} real env frames in all, the initial rollouts included.",
+            "",
+        )
+    elif last is None:
         report.lack("ctrl/last.pt", "ctrl")
     else:
         search = ", ".join(f"{k} {v}" for k, v in dict(last.get("search", {})).items())
@@ -308,9 +321,9 @@ def ctrl_section(report: Report) -> None:
         report.lack("ctrl/best.pt (no evaluation of the CMA-ES mean yet)", "ctrl")
     else:
         report.add(
-            f"Best evaluation of the CMA-ES mean: **{float(best['eval_return']):.1f} ± "
-            f"{float(best.get('eval_std', math.nan)):.1f}** "
-            f"over {best.get('eval_episodes', '?')} tracks at generation "
+            f"Best evaluation of {'C' if 'round' in best else 'the CMA-ES mean'}: "
+            f"**{float(best['eval_return']):.1f} ± {float(best.get('eval_std', math.nan)):.1f}** "
+            f"over {best.get('eval_episodes', '?')} tracks at {'round' if 'round' in best else 'generation'} "
             f"{best.get('generation', '?')} (this C is the one tested).",
             "",
         )
@@ -319,7 +332,7 @@ def ctrl_section(report: Report) -> None:
         "ctrl_curves.png",
         "C learning curves (ctrl/curves.png)",
         "ctrl",
-        "CMA-ES learning curves",
+        "C learning curves",
     )
 
 
@@ -351,12 +364,11 @@ def learning_curve_section(report: Report) -> None:
     if path.is_file():
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
+                step = "round" if "round" in row else "generation"  # --imagine logs rounds
                 try:
                     points.append(
-                        {
-                            k: float(row[k])
-                            for k in ("generation", "eval_mean", "eval_std", "env_frames", "wall_min")
-                        }
+                        {k: float(row[k]) for k in (step, "eval_mean", "eval_std", "env_frames", "wall_min")}
+                        | {"step": step}
                     )
                 except (
                     KeyError,
@@ -372,10 +384,10 @@ def learning_curve_section(report: Report) -> None:
     report.add(
         "![return of the CMA-ES mean against env frames and wall minutes](learning_curve.png)",
         "",
-        "| generation | real env frames | wall minutes (C) | return of the CMA-ES mean |",
+        f"| {points[0]['step']} | real env frames | wall minutes (C) | evaluated return of C |",
         "|---|---|---|---|",
         *(
-            f"| {p['generation']:.0f} | {p['env_frames'] / 1e6:.2f} M | {p['wall_min']:.1f} | "
+            f"| {p[p['step']]:.0f} | {p['env_frames'] / 1e6:.2f} M | {p['wall_min']:.1f} | "
             f"{p['eval_mean']:.1f} ± {p['eval_std']:.1f} |"
             for p in points
         ),

@@ -33,6 +33,7 @@ from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
 from reporting.export import export
+from reporting.report import build_report
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,15 @@ def test_two_rounds_straight_equal_one_then_a_killed_round_rerun(world, two_roun
     ok(run(straight, *SMALL, "--rounds", "2"))
     same_files(straight, two_rounds)
     assert not [p for p in (two_rounds / "ctrl").rglob("*") if ".tmp" in p.name]  # the rerun cleaned up
+
+
+def test_the_report_reads_an_imagination_run(two_rounds, tmp_path):
+    logdir = tmp_path / "copy"
+    shutil.copytree(two_rounds, logdir)
+    text = build_report(logdir).read_text()
+    assert "2 rounds of learning in imagination" in text and "| round | real env frames |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) >= 2 and (logdir / "report/learning_curve.png").is_file()
 
 
 def test_a_resume_with_other_settings_or_of_another_kind_is_refused(two_rounds, tmp_path):
