@@ -29,6 +29,7 @@ from tqdm import tqdm
 from agent.display import DisplaySpec, display_problem, watch_best
 from agent.dream import DreamEvaluator
 from agent.imagine import (
+    CANDIDATES,
     COLLECTED,
     ImagineRun,
     ImagineSettings,
@@ -530,6 +531,7 @@ def resume_or_start_imagining(
         for stale in (last_path, best_path):
             stale.unlink(missing_ok=True)
         shutil.rmtree(ctrl_dir / COLLECTED, ignore_errors=True)
+        shutil.rmtree(ctrl_dir / CANDIDATES, ignore_errors=True)
         run = ImagineRun(
             config, settings, load_mdrnn(args.logdir, one_step=False), world_action_repeat(args.logdir)
         )
@@ -553,6 +555,11 @@ def resume_or_start_imagining(
         ) from None
     print(f"resuming {last_path} after round {run.round} (best eval return {run.best_eval:.1f})")
     return run
+
+
+def candidate_path(ctrl_dir: Path, round_: int) -> Path:
+    """Where round `round_`'s C and M are kept while it is among the best-evaluated rounds."""
+    return ctrl_dir / CANDIDATES / f"round_{round_:03d}.pt"
 
 
 def learn_in_imagination(
@@ -596,6 +603,10 @@ def train_in_imagination(args: argparse.Namespace) -> int:
     k = world_action_repeat(args.logdir)
     run = resume_or_start_imagining(args, config, ctrl_dir, sum(len(r["actions"]) for r in initial) * k)
     s = run.settings
+    kept = {candidate_path(ctrl_dir, r) for _, r in run.candidates}
+    for stale in (ctrl_dir / CANDIDATES).glob("*.pt"):  # of a round redone, or pushed out before a kill
+        if stale not in kept:
+            stale.unlink()
     log = CSVLog(ctrl_dir / "log.csv", IMAGINE_FIELDS, step_field="round", keep_before=run.round + 1)
     if run.round >= args.rounds:
         print(
@@ -646,7 +657,13 @@ def train_in_imagination(args: argparse.Namespace) -> int:
             improved = run.record_eval(row["eval_mean"])
             if improved:
                 save_checkpoint(best_path, run.best_checkpoint(row["eval_std"], s.eval_episodes))
+            kept, dropped = run.keep_candidate(row["eval_mean"])
+            if kept:
+                candidate = run.checkpoint(row["eval_mean"], row["eval_std"], s.eval_episodes)
+                save_checkpoint(candidate_path(ctrl_dir, round_), candidate)
             save_checkpoint(last_path, run.state())
+            for old_round in dropped:
+                candidate_path(ctrl_dir, old_round).unlink(missing_ok=True)
             log.append(
                 row | dict(time_s=time.perf_counter() - t0, env_frames=run.frames, wall_min=run.seconds / 60)
             )

@@ -26,6 +26,8 @@ from models.vae import VAE
 from utils.errors import BadRolloutError
 
 COLLECTED = "rollouts"  # L/ctrl/rollouts/round_RRR/rollout_I.npz: the real rollouts the rounds collected
+CANDIDATES = "candidates"  # L/ctrl/candidates/round_RRR.pt: C and M of the best-evaluated rounds so far
+KEEP_CANDIDATES = 3  # how many best-evaluated rounds are kept for the final re-scoring
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,7 @@ class ImagineRun:
         self.round, self.frames, self.seconds = 0, 0, 0.0
         self.best_eval, self.best_round = -float("inf"), 0
         self.collected: list[str] = []  # rollout files of the rounds so far, relative to the run's ctrl/
+        self.candidates: list[tuple[float, int]] = []  # (eval return, round) of the kept rounds, best first
 
     def mdrnn_state(self) -> dict[str, Any]:
         """M as a checkpoint entry: what the pool's workers and best.pt's readers rebuild it from."""
@@ -248,14 +251,24 @@ class ImagineRun:
             return True
         return False
 
+    def keep_candidate(self, mean_return: float) -> tuple[bool, list[int]]:
+        """Rank this round's evaluation among the kept ones: (is it kept, the rounds it pushes out)."""
+        ranked = sorted(self.candidates + [(float(mean_return), self.round)], key=lambda c: (-c[0], c[1]))
+        self.candidates = ranked[:KEEP_CANDIDATES]
+        return (float(mean_return), self.round) in self.candidates, [r for _, r in ranked[KEEP_CANDIDATES:]]
+
     def best_checkpoint(self, eval_std: float, eval_episodes: int) -> dict[str, Any]:
         """best.pt: C (loads into Controller(**config)) and the M it was trained with."""
+        return self.checkpoint(self.best_eval, eval_std, eval_episodes)
+
+    def checkpoint(self, eval_return: float, eval_std: float, eval_episodes: int) -> dict[str, Any]:
+        """This round's C and M in best.pt's format, with its evaluation."""
         return {
             "state_dict": self.controller_state(),
             "config": self.config,
             "generation": self.round,  # the round, where test_controller.py reads a generation
             "round": self.round,
-            "eval_return": self.best_eval,
+            "eval_return": eval_return,
             "eval_std": eval_std,
             "eval_episodes": eval_episodes,
             "action_repeat": self.action_repeat,
@@ -275,6 +288,7 @@ class ImagineRun:
             "best_eval_return": self.best_eval,
             "best_round": self.best_round,
             "collected": list(self.collected),
+            "candidates": [list(c) for c in self.candidates],
             "learner": self.learner.state_dict(),
             "mdrnn": self.mdrnn_state(),
             "m_opt": self.m_opt.state_dict(),
@@ -301,6 +315,7 @@ class ImagineRun:
         )
         run.best_eval, run.best_round = float(state["best_eval_return"]), int(state["best_round"])
         run.collected = [str(name) for name in state["collected"]]
+        run.candidates = [(float(e), int(r)) for e, r in state.get("candidates", [])]
         return run
 
 
