@@ -31,6 +31,8 @@ from agent.dream import DreamEvaluator
 from agent.imagine import (
     CANDIDATES,
     COLLECTED,
+    KEEP_CANDIDATES,
+    RESCORE_EPISODES,
     ImagineRun,
     ImagineSettings,
     fine_tune_m,
@@ -51,10 +53,11 @@ from agent.population import (
     task_count,
 )
 from agent.search import Search
-from agent.seeds import collect_seeds, eval_seeds, train_seeds
+from agent.seeds import collect_seeds, eval_seeds, rescore_seeds, train_seeds
 from agent.world import load_mdrnn, load_world, world_action_repeat
 from data.latents import load_latent_cache
 from envs.carracing import MAX_EPISODE_STEPS
+from models.controller import Controller
 from pool import WorkerError, check_backend, worker_failure
 from utils import profile
 from utils.checkpoint import BEST, LAST, check_config, load_checkpoint, save_checkpoint
@@ -186,6 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=ImagineSettings.collect_episodes,
         help="with --imagine: real rollouts collected per round with the noisy actor "
         f"(default {ImagineSettings.collect_episodes})",
+    )
+    add(
+        "--rescore-episodes",
+        type=int_in(0, 100_000),
+        default=RESCORE_EPISODES,
+        help=f"with --imagine: at the end, the {KEEP_CANDIDATES} best-evaluated rounds each play this many "
+        f"fresh tracks and the best of them becomes best.pt (default {RESCORE_EPISODES}; 0: the best evaluation)",
     )
     add(
         "--horizon",
@@ -593,6 +603,55 @@ def play_round(pool, run: ImagineRun, round_: int, max_frames: int) -> list[dict
         return pool.map(collect_task, tasks, on_result=lambda index, result: bar.update())
 
 
+RESCORE_FIELDS = ["round", "eval_mean", "rescore_mean", "rescore_std", "rescore_frames", "chosen"]
+
+
+def rescore_candidates(args: argparse.Namespace, run: ImagineRun, ctrl_dir: Path, workers: int) -> None:
+    """best.pt becomes the kept round whose C (with its M) returns most on --rescore-episodes fresh
+    tracks, the same tracks for each: a pick that no single evaluation's luck decides. Every
+    frame is counted; log in ctrl/rescore.csv."""
+    tracks = rescore_seeds(run.settings.seed, run.round, args.rescore_episodes)
+    rows = []
+    for eval_mean, round_ in run.candidates:
+        candidate = load_checkpoint(candidate_path(ctrl_dir, round_))
+        controller = Controller(**run.config)
+        controller.load_state_dict(candidate["state_dict"])
+        k = run.action_repeat
+        with make_agent_pool(args, run.config, k, workers, candidate["mdrnn"]) as pool:
+            real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)
+            scores = score(real, [get_flat_params(controller)], tracks, f"re-scoring round {round_}")
+        returns = scores.returns[0]
+        rows.append(
+            dict(
+                round=round_,
+                eval_mean=eval_mean,
+                rescore_mean=float(returns.mean()),
+                rescore_std=float(returns.std()),
+                rescore_frames=scores.real_frames,
+            )
+        )
+        print(
+            f"round {round_} (evaluated {eval_mean:.1f}): {returns.mean():.1f} ± {returns.std():.1f} "
+            f"on {len(tracks)} fresh tracks",
+            flush=True,
+        )
+    chosen = max(rows, key=lambda row: (row["rescore_mean"], -row["round"]))
+    best = load_checkpoint(candidate_path(ctrl_dir, chosen["round"]))
+    best |= dict(eval_return=chosen["rescore_mean"], eval_std=chosen["rescore_std"], eval_episodes=len(tracks))
+    log = CSVLog(ctrl_dir / "rescore.csv", RESCORE_FIELDS, step_field="round", keep_before=0)
+    for row in rows:
+        log.append(row | dict(chosen=int(row is chosen)))
+    save_checkpoint(ctrl_dir / BEST, best | dict(rescored=rows))
+    run.frames += sum(row["rescore_frames"] for row in rows)
+    run.rescored = [run.round, len(tracks)]
+    save_checkpoint(ctrl_dir / LAST, run.state())
+    print(
+        f"re-scored: best.pt is round {chosen['round']}'s C, {chosen['rescore_mean']:.1f} ± "
+        f"{chosen['rescore_std']:.1f} on {len(tracks)} fresh tracks; {run.frames} real env frames in all",
+        flush=True,
+    )
+
+
 def train_in_imagination(args: argparse.Namespace) -> int:
     """--imagine: rounds of (fine-tune M on all data, learn in imagination, evaluate, collect)."""
     ctrl_dir = Path(args.logdir) / "ctrl"
@@ -608,7 +667,9 @@ def train_in_imagination(args: argparse.Namespace) -> int:
         if stale not in kept:
             stale.unlink()
     log = CSVLog(ctrl_dir / "log.csv", IMAGINE_FIELDS, step_field="round", keep_before=run.round + 1)
-    if run.round >= args.rounds:
+    final_round = max(run.round, args.rounds)
+    rescore = bool(args.rescore_episodes and run.rescored != [final_round, args.rescore_episodes])
+    if run.round >= args.rounds and not rescore:
         print(
             f"nothing to do: --rounds {args.rounds} reached (raise it to go on, or --noreload to start afresh)"
         )
@@ -675,6 +736,8 @@ def train_in_imagination(args: argparse.Namespace) -> int:
                 f"tracks{' (best so far -> best.pt)' if improved else ''}; {run.frames} real env frames",
                 flush=True,
             )
+        if rescore and run.candidates:
+            rescore_candidates(args, run, ctrl_dir, max(1, min(args.workers, args.rescore_episodes)))
     except KeyboardInterrupt:
         print(
             f"\ninterrupted in round {run.round + 1}; {last_path} holds round {run.round}: "

@@ -28,6 +28,7 @@ from utils.errors import BadRolloutError
 COLLECTED = "rollouts"  # L/ctrl/rollouts/round_RRR/rollout_I.npz: the real rollouts the rounds collected
 CANDIDATES = "candidates"  # L/ctrl/candidates/round_RRR.pt: C and M of the best-evaluated rounds so far
 KEEP_CANDIDATES = 3  # how many best-evaluated rounds are kept for the final re-scoring
+RESCORE_EPISODES = 24  # fresh tracks each kept round plays at the end; the best of them is best.pt
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ class ImagineRun:
         self.best_eval, self.best_round = -float("inf"), 0
         self.collected: list[str] = []  # rollout files of the rounds so far, relative to the run's ctrl/
         self.candidates: list[tuple[float, int]] = []  # (eval return, round) of the kept rounds, best first
+        self.rescored: list[int] = []  # [round, tracks] of the last final re-scoring, [] if none yet
 
     def mdrnn_state(self) -> dict[str, Any]:
         """M as a checkpoint entry: what the pool's workers and best.pt's readers rebuild it from."""
@@ -289,6 +291,7 @@ class ImagineRun:
             "best_round": self.best_round,
             "collected": list(self.collected),
             "candidates": [list(c) for c in self.candidates],
+            "rescored": list(self.rescored),
             "learner": self.learner.state_dict(),
             "mdrnn": self.mdrnn_state(),
             "m_opt": self.m_opt.state_dict(),
@@ -316,6 +319,7 @@ class ImagineRun:
         run.best_eval, run.best_round = float(state["best_eval_return"]), int(state["best_round"])
         run.collected = [str(name) for name in state["collected"]]
         run.candidates = [(float(e), int(r)) for e, r in state.get("candidates", [])]
+        run.rescored = [int(n) for n in state.get("rescored", [])]
         return run
 
 

@@ -1,8 +1,8 @@
 """Track seeds, split into disjoint ranges by purpose.
 
 Data generation uses [0, 2**32); controller training, evaluations of the CMA-ES mean during
-training, the final held-out test, the --display window and the rollouts collected while
-learning in imagination each draw from their own range,
+training, the final held-out test, the --display window, the rollouts collected while learning in
+imagination and the final re-scoring of its best rounds each draw from their own range,
 so a reported test return is on tracks CMA-ES never saw.
 """
 
@@ -13,13 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 _SEED_RANGE = 2**32
-TRAIN, EVAL, HOLDOUT, DISPLAY, COLLECT = (
-    1,
-    2,
-    3,
-    4,
-    5,
-)  # purpose tags: seed ranges [tag * 2**32, (tag + 1) * 2**32)
+TRAIN, EVAL, HOLDOUT, DISPLAY, COLLECT, RESCORE = 1, 2, 3, 4, 5, 6  # ranges [tag * 2**32, (tag + 1) * 2**32)
 
 
 def seeds_for(purpose: int, key: Sequence[int], n: int) -> list[int]:
@@ -41,6 +35,11 @@ def eval_seeds(seed: int, generation: int, n: int) -> list[int]:
 def collect_seeds(seed: int, round_: int, n: int) -> list[int]:
     """Tracks of the rollouts collected in round `round_` of learning in imagination."""
     return seeds_for(COLLECT, [seed, round_], n)
+
+
+def rescore_seeds(seed: int, round_: int, n: int) -> list[int]:
+    """Fresh tracks on which the best rounds up to `round_` are re-scored, the same for each."""
+    return seeds_for(RESCORE, [seed, round_], n)
 
 
 def holdout_seeds(seed: int, n: int) -> list[int]:

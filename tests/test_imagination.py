@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from agent.imagine import (
+    ImagineRun,
     ImagineSettings,
     Learner,
     fine_tune_m,
@@ -148,3 +149,18 @@ def test_predicted_returns_weigh_rewards_by_the_chance_of_going_on(done_logit, e
         mdrnn.head.bias[-2:] = torch.tensor([0.5, done_logit])
     returns = predicted_returns(mdrnn, Actor(LATENT, HIDDEN, 3), torch.randn(4, LATENT), steps=7)
     assert returns == pytest.approx([expected] * 4, abs=1e-6)
+
+
+def test_the_run_keeps_the_best_evaluated_rounds_and_names_those_it_drops():
+    run = ImagineRun(dict(latent_size=4, hidden_size=8, action_size=3), ImagineSettings(), MDRNN(4, 3, 8, 2), 4)
+    kept_by_round = []
+    for round_, mean_return in enumerate([5.0, 1.0, 7.0, 3.0, 9.0, 7.0], start=1):
+        run.round = round_
+        kept_by_round.append(run.keep_candidate(mean_return))
+    assert kept_by_round == [
+        (True, []), (True, []), (True, []), (True, [2]), (True, [4]), (True, [1]),
+    ]  # fmt: skip
+    assert run.candidates == [(9.0, 5), (7.0, 3), (7.0, 6)]  # ties: the earlier round first
+    run.round = 7
+    assert run.keep_candidate(6.0) == (False, [7])
+    assert ImagineRun.from_state(run.state()).candidates == run.candidates

@@ -6,7 +6,8 @@ Covers: every real frame is counted (the initial rollouts, the evaluations, the 
 rollouts, which are on disk); M is fine-tuned on the new data and best.pt carries it;
 test_controller.py plays best.pt with that M; a run killed inside round 2 (SIGKILL inside a
 write) and rerun gives the files of two rounds run straight; a resume with another setting,
-or a CMA-ES last.pt, is refused with one line.
+or a CMA-ES last.pt, is refused with one line; the final re-scoring plays each kept round's C
+with its own M on the same fresh tracks, counts their frames and makes the best one best.pt.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 import test_controller
 from agent.policy import Agent, run_episode
-from agent.seeds import holdout_seeds
+from agent.seeds import RESCORE, holdout_seeds, rescore_seeds
 from agent.world import load_mdrnn, load_vae, mdrnn_from_state
 from data.latents import build_latent_cache
 from data.rollouts import load_rollout
@@ -39,7 +40,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 LATENT, HIDDEN, FRAMES = 8, 16, 24
 SMALL = ["--updates", "3", "--collect-episodes", "2", "--eval-episodes", "2", "--max-steps", str(FRAMES)]
-SMALL += ["--workers", "1", "--horizon", "5"]
+SMALL += ["--workers", "1", "--horizon", "5", "--rescore-episodes", "0"]
 
 
 def run(logdir: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -204,3 +205,38 @@ def test_a_resume_with_other_settings_or_of_another_kind_is_refused(two_rounds, 
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cmaes.returncode == 2 and "is an --imagine run" in cmaes.stderr and "Traceback" not in cmaes.stderr
+
+
+def test_the_final_rescoring_picks_the_kept_round_that_plays_best(two_rounds, tmp_path):
+    logdir = tmp_path / "copy"
+    shutil.copytree(two_rounds, logdir)
+    before = load_checkpoint(logdir / "ctrl/last.pt")
+    log = [line.split(",") for line in (logdir / "ctrl/log.csv").read_text().splitlines()]
+    evals = {int(row[0]): float(row[log[0].index("eval_mean")]) for row in log[1:]}
+    assert [r for _, r in before["candidates"]] == sorted(evals, key=lambda r: -evals[r])  # best first
+    assert [e for e, _ in before["candidates"]] == pytest.approx(sorted(evals.values(), reverse=True), abs=1e-3)
+    assert sorted(p.name for p in (logdir / "ctrl/candidates").iterdir()) == ["round_001.pt", "round_002.pt"]
+    done = ok(run(logdir, *SMALL[:-1], "3", "--rounds", "2"))
+    assert "re-scored: best.pt is round" in done.stdout
+    rows = [line.split(",") for line in (logdir / "ctrl/rescore.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 2 and sum(int(row[-1]) for row in rows) == 1
+    tracks = rescore_seeds(0, 2, 3)
+    assert all(t // 2**32 == RESCORE for t in tracks) and not set(tracks) & set(holdout_seeds(0, 1000))
+    env, by_hand = make_env(), {}
+    for row in rows:
+        candidate = load_checkpoint(logdir / f"ctrl/candidates/round_{int(row[0]):03d}.pt")
+        controller = Controller(LATENT, HIDDEN, 3)
+        controller.load_state_dict(candidate["state_dict"])
+        agent = Agent(load_vae(logdir), mdrnn_from_state(candidate["mdrnn"]), controller)
+        by_hand[int(row[0])] = np.mean([run_episode(env, agent, track, FRAMES)[0] for track in tracks])
+        assert float(row[2]) == pytest.approx(by_hand[int(row[0])], abs=1e-3)
+    env.close()
+    chosen = max(by_hand, key=by_hand.get)
+    best = load_checkpoint(logdir / "ctrl/best.pt")
+    expected = load_checkpoint(logdir / f"ctrl/candidates/round_{chosen:03d}.pt")
+    assert best["round"] == chosen and best["eval_episodes"] == 3
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in expected["state_dict"].items())
+    assert best["eval_return"] == pytest.approx(by_hand[chosen], abs=1e-3)
+    assert load_checkpoint(logdir / "ctrl/last.pt")["frames"] == before["frames"] + 2 * 3 * FRAMES
+    again = ok(run(logdir, *SMALL[:-1], "3", "--rounds", "2"))
+    assert "nothing to do" in again.stdout
