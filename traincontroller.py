@@ -637,7 +637,9 @@ def rescore_candidates(args: argparse.Namespace, run: ImagineRun, ctrl_dir: Path
         )
     chosen = max(rows, key=lambda row: (row["rescore_mean"], -row["round"]))
     best = load_checkpoint(candidate_path(ctrl_dir, chosen["round"]))
-    best |= dict(eval_return=chosen["rescore_mean"], eval_std=chosen["rescore_std"], eval_episodes=len(tracks))
+    best |= dict(
+        eval_return=chosen["rescore_mean"], eval_std=chosen["rescore_std"], eval_episodes=len(tracks)
+    )
     log = CSVLog(ctrl_dir / "rescore.csv", RESCORE_FIELDS, step_field="round", keep_before=0)
     for row in rows:
         log.append(row | dict(chosen=int(row is chosen)))

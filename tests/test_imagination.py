@@ -152,7 +152,9 @@ def test_predicted_returns_weigh_rewards_by_the_chance_of_going_on(done_logit, e
 
 
 def test_the_run_keeps_the_best_evaluated_rounds_and_names_those_it_drops():
-    run = ImagineRun(dict(latent_size=4, hidden_size=8, action_size=3), ImagineSettings(), MDRNN(4, 3, 8, 2), 4)
+    run = ImagineRun(
+        dict(latent_size=4, hidden_size=8, action_size=3), ImagineSettings(), MDRNN(4, 3, 8, 2), 4
+    )
     kept_by_round = []
     for round_, mean_return in enumerate([5.0, 1.0, 7.0, 3.0, 9.0, 7.0], start=1):
         run.round = round_

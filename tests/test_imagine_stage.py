@@ -214,7 +214,9 @@ def test_the_final_rescoring_picks_the_kept_round_that_plays_best(two_rounds, tm
     log = [line.split(",") for line in (logdir / "ctrl/log.csv").read_text().splitlines()]
     evals = {int(row[0]): float(row[log[0].index("eval_mean")]) for row in log[1:]}
     assert [r for _, r in before["candidates"]] == sorted(evals, key=lambda r: -evals[r])  # best first
-    assert [e for e, _ in before["candidates"]] == pytest.approx(sorted(evals.values(), reverse=True), abs=1e-3)
+    assert [e for e, _ in before["candidates"]] == pytest.approx(
+        sorted(evals.values(), reverse=True), abs=1e-3
+    )
     assert sorted(p.name for p in (logdir / "ctrl/candidates").iterdir()) == ["round_001.pt", "round_002.pt"]
     done = ok(run(logdir, *SMALL[:-1], "3", "--rounds", "2"))
     assert "re-scored: best.pt is round" in done.stdout
