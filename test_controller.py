@@ -25,16 +25,16 @@ from agent.policy import Agent, run_episode
 from agent.population import RealEvaluator, add_agent_pool_args, make_agent_pool, task_count
 from agent.seeds import holdout_seeds
 from agent.world import load_best_controller, load_world, mdrnn_from_state, world_action_repeat
-from envs.carracing import MAX_EPISODE_STEPS, make_env
+from envs.carracing import ENV_FPS, MAX_EPISODE_STEPS, make_env
 from pool import WorkerError, check_backend, worker_failure
 from utils import profile
 from utils.cli import ArgumentParser, int_in, run_script, seed_int, stage_command, writable_dir, writable_file
 from utils.errors import BadCheckpointError
 from utils.files import atomic_write, remove_orphaned_temps
-from utils.logs import CSVLog, plt  # plt: matplotlib on the headless Agg backend
+from utils.logs import CSVLog, plt, save_gif  # plt: matplotlib on the headless Agg backend
 from utils.params import get_flat_params
 
-ENV_FPS, GIF_FPS, GIF_SCALE = 50, 25, 0.5  # at most 25 fps of the 50 fps env, at half of its 600x400 size
+GIF_FPS, GIF_SCALE = 25, 0.5  # at most 25 fps of the 50 fps env, at half of its 600x400 size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,15 +155,7 @@ def record(agent: Agent, seed: int, args: argparse.Namespace, k: int) -> None:
 
     ret, n = run_episode(env, agent, seed, args.max_steps, on_step=keep)
     env.close()
-    with atomic_write(args.record) as handle:
-        frames[0].save(
-            handle,
-            format="GIF",
-            save_all=True,
-            append_images=frames[1:],
-            duration=round(1000 * k * stride / ENV_FPS),
-            loop=0,
-        )
+    save_gif(args.record, frames, round(1000 * k * stride / ENV_FPS))
     print(f"recorded episode 0 (return {ret:.1f}, {n} frames) to {args.record}")
 
 

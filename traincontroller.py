@@ -35,6 +35,7 @@ from agent.imagine import (
     RESCORE_EPISODES,
     ImagineRun,
     ImagineSettings,
+    dream_beside_real,
     fine_tune_m,
     load_collected,
     one_step,
@@ -56,7 +57,7 @@ from agent.search import Search
 from agent.seeds import collect_seeds, eval_seeds, rescore_seeds, train_seeds
 from agent.world import load_mdrnn, load_world, world_action_repeat
 from data.latents import load_latent_cache
-from envs.carracing import MAX_EPISODE_STEPS
+from envs.carracing import ENV_FPS, MAX_EPISODE_STEPS
 from models.controller import Controller
 from pool import WorkerError, check_backend, worker_failure
 from utils import profile
@@ -74,7 +75,7 @@ from utils.cli import (
 )
 from utils.errors import BadCheckpointError
 from utils.files import remove_orphaned_temps
-from utils.logs import CSVLog, plot_columns
+from utils.logs import CSVLog, plot_columns, save_gif
 from utils.params import count_params, get_flat_params
 
 LOG_FIELDS = [
@@ -603,6 +604,7 @@ def play_round(pool, run: ImagineRun, round_: int, max_frames: int) -> list[dict
         return pool.map(collect_task, tasks, on_result=lambda index, result: bar.update())
 
 
+DREAM_GIF = "dream_vs_real.gif"  # the last round's first evaluation episode beside M's imagination of it
 RESCORE_FIELDS = ["round", "eval_mean", "rescore_mean", "rescore_std", "rescore_frames", "chosen"]
 
 
@@ -716,6 +718,8 @@ def train_in_imagination(args: argparse.Namespace) -> int:
             )
             predicted = predicted_returns(cell, run.learner.actor, firsts, -(-args.max_steps // k))
             row["eval_dream_mean"] = float(predicted.mean())
+            side_by_side = dream_beside_real(vae, cell, run.learner.actor, played[0]["observations"])
+            save_gif(ctrl_dir / DREAM_GIF, side_by_side, round(1000 * k / ENV_FPS))
             row["collect_mean"] = float(noisy.mean()) if len(noisy) else None
             improved = run.record_eval(row["eval_mean"])
             if improved:

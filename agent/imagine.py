@@ -212,6 +212,17 @@ def predicted_returns(
     return (discount_weights(traj.continues, 1.0) * traj.rewards).sum(0)
 
 
+@torch.no_grad()
+def dream_beside_real(vae: VAE, mdrnn: MDRNNCell, actor: Actor, observations: np.ndarray) -> np.ndarray:
+    """(T, 64, 130, 3) uint8: a real episode's frames (T, 64, 64, 3) on the left and, on the right,
+    what M imagines from its first frame with C acting on the imagined frames, decoded by V."""
+    first = vae.encode_frames(observations[:1])[0]
+    traj = imagine(mdrnn, actor, first, mdrnn.initial_state(1), len(observations) - 1, sample=False)
+    dreamt = vae.decode(traj.z[:, 0]).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    gap = np.full((len(observations), 64, 2, 3), 255, np.uint8)
+    return np.concatenate([observations, gap, dreamt], axis=2)
+
+
 def one_step(mdrnn: MDRNN) -> MDRNNCell:
     """The frozen one-step form of `mdrnn` (the same weights), for imagination and start states."""
     cell = MDRNNCell(**mdrnn.config)

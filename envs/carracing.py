@@ -24,6 +24,7 @@ from envs.fast_carracing import FastCarRacing, fast_env_supported  # noqa: E402
 ENV_ID = "CarRacing-v3"
 FAST_ENV_ID = "FastCarRacing-v3"
 MAX_EPISODE_STEPS = 1000
+ENV_FPS = 50  # CarRacing's simulation rate: frames per second of a played episode
 RAW_SIZE = 96  # CarRacing's observation is (96, 96, 3) uint8
 MODEL_SIZE = 64  # the models see (64, 64, 3) frames
 ACTION_SIZE = 3  # steer in [-1, 1], gas in [0, 1], brake in [0, 1]

@@ -4,7 +4,8 @@
 
 Writes `L/report/`: `report.md` and the pictures it shows, copied from the stages' folders
 so the folder can be shared on its own (`vae_recon.png`, `vae_samples.png`, `vae_curves.png`,
-`mdrnn_curves.png`, `mdrnn_prediction.png`, `ctrl_curves.png`, `episode.gif`), plus
+`mdrnn_curves.png`, `mdrnn_prediction.png`, `ctrl_curves.png`, `episode.gif`, and for an
+--imagine run `dream_vs_real.gif`), plus
 `test_returns.png`, a histogram drawn here from `L/ctrl/eval/returns.csv` (the numbers the
 score is computed from, so picture and text always agree). Stage wall times come from
 `L/report/timings.csv` (written by reporting/timing.py, one row per run of a stage).
@@ -326,6 +327,19 @@ def ctrl_section(report: Report) -> None:
             f"over {best.get('eval_episodes', '?')} tracks at {'round' if 'round' in best else 'generation'} "
             f"{best.get('generation', '?')} (this C is the one tested).",
             "",
+        )
+    if last is not None and "imagine" in last:
+        report.add(
+            "A real evaluation episode of the last round (left) beside M's imagination from its first "
+            "frame, C acting on the imagined frames, decoded by V (right):",
+            "",
+        )
+        report.copy(
+            folder / "dream_vs_real.gif",
+            "dream_vs_real.gif",
+            "ctrl/dream_vs_real.gif",
+            "ctrl",
+            "a real episode beside M's imagination of it",
         )
     report.copy(
         folder / "curves.png",

@@ -13,6 +13,7 @@ from agent.imagine import (
     ImagineRun,
     ImagineSettings,
     Learner,
+    dream_beside_real,
     fine_tune_m,
     one_step,
     predicted_returns,
@@ -21,6 +22,7 @@ from agent.imagine import (
 )
 from models.actor_critic import Actor, discount_weights, imagine, lambda_returns
 from models.mdrnn import MDRNN, MDRNNCell
+from models.vae import VAE
 
 LATENT, HIDDEN = 4, 8
 
@@ -166,3 +168,19 @@ def test_the_run_keeps_the_best_evaluated_rounds_and_names_those_it_drops():
     run.round = 7
     assert run.keep_candidate(6.0) == (False, [7])
     assert ImagineRun.from_state(run.state()).candidates == run.candidates
+
+
+def test_the_dream_gif_puts_the_real_frames_beside_v_decoding_m_imagination():
+    torch.manual_seed(0)
+    vae, cell, actor = VAE(4).eval(), MDRNNCell(4, 3, 8, 2), Actor(4, 8, 3)
+    observations = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    torch.manual_seed(1)
+    picture = dream_beside_real(vae, cell, actor, observations)
+    assert picture.shape == (6, 64, 130, 3) and picture.dtype == np.uint8
+    assert np.array_equal(picture[:, :, :64], observations) and (picture[:, :, 64:66] == 255).all()
+    torch.manual_seed(1)
+    first = vae.encode_frames(observations[:1])[0]
+    traj = imagine(cell, actor, first, cell.initial_state(1), 5, sample=False)
+    decoded = (vae.decode(traj.z[:, 0]).detach().permute(0, 2, 3, 1).numpy() * 255).round()
+    assert np.abs(picture[:, :, 66:].astype(float) - decoded).max() <= 1  # frame t is M's z_t
+    assert not np.array_equal(picture[0, :, 66:], picture[5, :, 66:])  # M's frames move

@@ -192,6 +192,11 @@ def test_the_report_reads_an_imagination_run(two_rounds, tmp_path):
     assert "2 rounds of learning in imagination" in text and "| round | real env frames |" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) >= 2 and (logdir / "report/learning_curve.png").is_file()
+    assert "M's imagination" in text and "(dream_vs_real.gif)" in text
+    from PIL import Image
+
+    with Image.open(logdir / "report/dream_vs_real.gif") as gif:  # round 2's first evaluation episode
+        assert gif.size == (130, 64) and gif.n_frames == FRAMES
 
 
 def test_a_resume_with_other_settings_or_of_another_kind_is_refused(two_rounds, tmp_path):

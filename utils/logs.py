@@ -1,4 +1,4 @@
-"""CSV logs and their matplotlib plots, written in each stage's folder of the logdir."""
+"""CSV logs, their matplotlib plots and animated GIFs, written in each stage's folder of the logdir."""
 
 from __future__ import annotations
 
@@ -87,3 +87,14 @@ def plot_columns(
     with atomic_write(png_path) as handle:
         fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
+
+
+def save_gif(path: str | os.PathLike, frames: Sequence[Any], frame_ms: int) -> None:
+    """Frames (PIL images or uint8 (H, W, 3) arrays) as a looping GIF, written atomically."""
+    from PIL import Image  # only the GIF writers need PIL
+
+    images = [f if isinstance(f, Image.Image) else Image.fromarray(f) for f in frames]
+    with atomic_write(path) as handle:
+        images[0].save(
+            handle, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0
+        )
