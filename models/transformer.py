@@ -1,0 +1,197 @@
+"""A transformer M beside the MDN-RNN: a small causal transformer over time steps (STORM's layout).
+
+One token per step, a linear embedding of [z_t, a_t]; `layers` pre-norm blocks of causal
+self-attention and an MLP; the final normalised output h_t (width `hidden_size`, 256 like the
+LSTM's, so C reads [z, h] unchanged) feeds the MDN-RNN's own head (a mixture over z_{t+1} per
+latent dimension, the reward, the done logit), with the same loss (`models.mdrnn.mdrnn_loss`).
+
+Positions are relative, not absolute: each head adds -slope * (distance) to its attention
+scores (ALiBi), and a token sees at most the `context` latest tokens, itself included (a sliding
+window). So a token's keys and values never depend on where it sits, and stepping one token at a
+time with a cache of the last `context` keys and values per layer is *exactly* the sequence form
+with a banded causal mask, however long the episode: at the window's edge the oldest token drops
+out of the cache, and with `layers` blocks the output still depends on up to layers x context
+past steps, through the tokens it attends to.
+
+`TransformerM` runs whole sequences (training); `TransformerMCell` runs one step from a
+`TransformerState` (rollouts, the dream, imagination). They share one base class, so their
+state_dicts are interchangeable, as MDRNN's and MDRNNCell's are.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.mdrnn import MDNOutput
+
+ARCH = "transformer"  # the `arch` a checkpoint's config names (the MDN-RNN's configs have none)
+
+
+class TransformerState(NamedTuple):
+    """What one step needs of the past: h first, as the LSTM's (h, c) has it."""
+
+    h: torch.Tensor  # (B, H): the output of the latest step, the controller's input
+    kv: torch.Tensor  # (B, layers, 2, context, H): keys and values of the latest tokens, oldest first
+    filled: torch.Tensor  # (B, context): 1 where kv holds a token, 0 in the slots not yet reached
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """(heads,) the geometric slopes 2^(-8 i / heads), i = 1..heads, of ALiBi's distance penalty."""
+    return torch.pow(2.0, -8.0 * torch.arange(1, heads + 1) / heads)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., S, H) -> (..., heads, S, H / heads)."""
+        return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+
+    def forward(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, T, H) attends to keys/values (B, S, H) with an additive bias (B or 1, heads, T, S)."""
+        q = self.split(self.qkv(self.norm1(x))[..., : x.shape[-1]])
+        attended = F.scaled_dot_product_attention(q, self.split(keys), self.split(values), attn_mask=bias)
+        x = x + self.proj(attended.transpose(-3, -2).flatten(-2))
+        return x + self.mlp(self.norm2(x))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (..., H) of tokens x (..., H)."""
+        _, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        return k, v
+
+
+class _TransformerBase(nn.Module):
+    """Layers and head shared by TransformerM and TransformerMCell."""
+
+    def __init__(
+        self,
+        latent_size: int = 32,
+        action_size: int = 3,
+        hidden_size: int = 256,
+        gaussians: int = 5,
+        layers: int = 2,
+        heads: int = 4,
+        context: int = 32,
+        arch: str = ARCH,
+    ):
+        super().__init__()
+        if arch != ARCH:
+            raise ValueError(f"a {type(self).__name__} cannot be built from an '{arch}' config")
+        self.latent_size, self.action_size, self.hidden_size = latent_size, action_size, hidden_size
+        self.gaussians, self.layers, self.heads, self.context = gaussians, layers, heads, context
+        self.embed = nn.Linear(latent_size + action_size, hidden_size)
+        self.blocks = nn.ModuleList(Block(hidden_size, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden_size)
+        self.head = nn.Linear(hidden_size, 3 * latent_size * gaussians + 2)  # the MDN-RNN's head
+        self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments, `arch` included: every stage rebuilds the right M from it."""
+        return dict(
+            latent_size=self.latent_size,
+            action_size=self.action_size,
+            hidden_size=self.hidden_size,
+            gaussians=self.gaussians,
+            layers=self.layers,
+            heads=self.heads,
+            context=self.context,
+            arch=ARCH,
+        )
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> TransformerState:
+        """An empty past: h = 0, no token in the cache."""
+        p = next(self.parameters())
+        device = device or p.device
+        h = torch.zeros(batch_size, self.hidden_size, device=device, dtype=p.dtype)
+        kv = torch.zeros(
+            batch_size, self.layers, 2, self.context, self.hidden_size, device=device, dtype=p.dtype
+        )
+        return TransformerState(h, kv, torch.zeros(batch_size, self.context, device=device, dtype=p.dtype))
+
+    def _heads(self, h_seq: torch.Tensor, state: TransformerState) -> MDNOutput:
+        """Split the head's output, as the MDN-RNN does."""
+        out = self.head(h_seq)
+        n, shape = self.latent_size * self.gaussians, (self.latent_size, self.gaussians)
+        return MDNOutput(
+            out[..., :n].unflatten(-1, shape),
+            out[..., n : 2 * n].unflatten(-1, shape),
+            out[..., 2 * n : 3 * n].unflatten(-1, shape).log_softmax(dim=-1),
+            out[..., -2],
+            out[..., -1],
+            state,
+            h_seq,
+        )
+
+
+class TransformerM(_TransformerBase):
+    """Sequence form, for training on (B, T) batches, from an empty past."""
+
+    def forward(self, latents: torch.Tensor, actions: torch.Tensor, hidden: None = None) -> MDNOutput:
+        """latents (B, T, L), actions (B, T, A) -> MDNOutput; output t predicts step t+1.
+
+        `hidden` must be None (the sequence starts from nothing); `hidden` of the output is the
+        state after the last step, which `TransformerMCell` continues from.
+        """
+        if hidden is not None:
+            raise ValueError("TransformerM runs a sequence from an empty past; step from a state with the cell")
+        steps = latents.shape[1]
+        distance = torch.arange(steps).unsqueeze(1) - torch.arange(steps).unsqueeze(0)  # (T, T): i - j
+        allowed = (distance >= 0) & (distance < self.context)
+        bias = -self.slopes.view(-1, 1, 1) * distance.to(latents.dtype)  # (heads, T, T)
+        bias = bias.masked_fill(~allowed, float("-inf")).to(latents.device)
+        x = self.embed(torch.cat([latents, actions], dim=-1))  # (B, T, H)
+        cached = []
+        for block in self.blocks:
+            k, v = block.keys_values(x)
+            cached.append(torch.stack([k, v], 1)[:, :, -self.context :])  # (B, 2, <=context, H)
+            x = block(x, k, v, bias)
+        h_seq = self.norm(x)
+        return self._heads(h_seq, self._final_state(h_seq[:, -1], cached, steps))
+
+    def _final_state(self, h: torch.Tensor, cached: list[torch.Tensor], steps: int) -> TransformerState:
+        state = self.initial_state(h.shape[0], h.device)
+        kept = min(steps, self.context)
+        kv = state.kv.clone()
+        kv[:, :, :, self.context - kept :] = torch.stack(cached, 1)
+        filled = state.filled.clone()
+        filled[:, self.context - kept :] = 1
+        return TransformerState(h, kv, filled)
+
+
+class TransformerMCell(_TransformerBase):
+    """One-step form: reads (z_t, a_t) and the cache of the past, returns the next state."""
+
+    def forward(
+        self, latent: torch.Tensor, action: torch.Tensor, hidden: TransformerState | None = None
+    ) -> MDNOutput:
+        """latent (B, L), action (B, A), hidden a TransformerState or None -> MDNOutput without T."""
+        state = TransformerState(*hidden) if hidden is not None else self.initial_state(latent.shape[0])
+        filled = torch.cat([state.filled[:, 1:], torch.ones_like(state.filled[:, :1])], 1)  # (B, context)
+        distance = torch.arange(self.context - 1, -1, -1, device=latent.device, dtype=latent.dtype)
+        bias = -self.slopes.view(-1, 1, 1) * distance  # (heads, 1, context): the newest slot is distance 0
+        bias = bias.unsqueeze(0).masked_fill(filled.view(-1, 1, 1, self.context) == 0, float("-inf"))
+        x = self.embed(torch.cat([latent, action], dim=-1)).unsqueeze(1)  # (B, 1, H)
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            k, v = block.keys_values(x)  # (B, 1, H)
+            kv = torch.cat([state.kv[:, i, :, 1:], torch.stack([k, v], 1)], 2)  # (B, 2, context, H)
+            new_kv.append(kv)
+            x = block(x, kv[:, 0], kv[:, 1], bias)
+        h = self.norm(x).squeeze(1)  # (B, H)
+        out = self._heads(h, TransformerState(h, torch.stack(new_kv, 1), filled))
+        return out
