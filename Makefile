@@ -30,7 +30,8 @@ ENVS_PER_WORKER ?=
 # where the workers run: local processes, or Ray actors (BACKEND=ray; RAY_ADDRESS=HOST:PORT joins a cluster)
 BACKEND ?=
 RAY_ADDRESS ?=
-# V and M epochs; steps per M training sequence
+# V and M epochs; steps per M training sequence; M's architecture (lstm, the default, or transformer)
+M_ARCH ?=
 VAE_EPOCHS ?=
 MDRNN_EPOCHS ?=
 SEQ_LEN ?=
@@ -130,7 +131,7 @@ vae: $(VENV_DEP)
 
 mdrnn: $(VENV_DEP)
 	$(TIMED) mdrnn -- $(PY) trainmdrnn.py --logdir $(LOGDIR) $(call flag,DATASET,--dataset) $(call flag,MDRNN_EPOCHS,--epochs) \
-		$(call flag,SEQ_LEN,--seq-len) $(NORELOAD)
+		$(call flag,SEQ_LEN,--seq-len) $(call flag,M_ARCH,--arch) $(NORELOAD)
 
 ctrl: $(VENV_DEP)
 	$(TIMED) ctrl -- $(PY) traincontroller.py --logdir $(LOGDIR) $(call flag,POP_SIZE,--pop-size) $(call flag,N_SAMPLES,--n-samples) \

@@ -55,7 +55,7 @@ from agent.population import (
 )
 from agent.search import Search
 from agent.seeds import collect_seeds, eval_seeds, rescore_seeds, train_seeds
-from agent.world import load_mdrnn, load_world, world_action_repeat
+from agent.world import load_mdrnn, load_world, require_lstm, world_action_repeat
 from data.latents import load_latent_cache
 from envs.carracing import ENV_FPS, MAX_EPISODE_STEPS
 from models.controller import Controller
@@ -661,7 +661,8 @@ def train_in_imagination(args: argparse.Namespace) -> int:
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     remove_orphaned_temps(ctrl_dir)
-    vae, _, config = load_world(args.logdir)
+    vae, mdrnn, config = load_world(args.logdir)
+    require_lstm(mdrnn, "--imagine")
     initial = load_latent_cache(args.logdir)  # the rollouts M was trained on (trainmdrnn.py's cache)
     k = world_action_repeat(args.logdir)
     run = resume_or_start_imagining(args, config, ctrl_dir, sum(len(r["actions"]) for r in initial) * k)

@@ -1,18 +1,21 @@
-"""Stage 3: train M, the MDN-RNN, on V's latents of the rollouts.
+"""Stage 3: train M, the MDN-RNN (or a transformer with the same heads), on V's latents of the rollouts.
 
-    python trainmdrnn.py --logdir logs [--dataset datasets/carracing-k4] [--epochs 10]
+    python trainmdrnn.py --logdir logs [--dataset datasets/carracing-k4] [--epochs 10] [--arch transformer]
 
 Every frame is encoded once by V's best checkpoint into a latent cache (`L/mdrnn/latents.npz`,
 rebuilt when V or the dataset changes); each batch then draws z = mu + sigma * eps from it, for
 the inputs z_t and the targets z_{t+1}, as the paper does. Loss: the mixture NLL of z_{t+1} +
-reward MSE + done BCE. Writes `L/mdrnn/{last,best}.pt`, `log.csv`, `curves.png` and
-`prediction.png` (predicted vs true next latents and rewards on a test rollout). Resumes from
-`last.pt` unless --noreload.
+reward MSE + done BCE. `--arch transformer` trains `models/transformer.py`'s causal transformer
+instead of the LSTM, on the same windows with the same loss; its checkpoint's config names it
+(`arch`), and every later stage builds the M that config names. Writes `L/mdrnn/{last,best}.pt`,
+`log.csv`, `curves.png` and `prediction.png` (predicted vs true next latents and rewards on a
+test rollout). Resumes from `last.pt` unless --noreload.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +26,10 @@ import torch
 from data.latents import build_latent_cache, cache_path, load_latent_cache, read_meta, split_latents
 from data.loaders import SequenceDataset
 from envs.carracing import ACTION_SIZE
-from models.mdrnn import MDRNN, batch_loss
+from models.mdrnn import batch_loss
+from models.transformer import ARCH as TRANSFORMER
+from models.transformer import TransformerM
+from models.world_model import ARCHS, build_m, m_arch
 from utils import profile
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
 from utils.cli import (
@@ -45,6 +51,18 @@ from utils.logs import plt
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
+TRANSFORMER_KEYS = ["arch", "layers", "heads", "context"]  # ...and these, for a transformer M
+TRANSFORMER_DEFAULTS = {k: v.default for k, v in inspect.signature(TransformerM).parameters.items()}
+
+
+def describe_m(config: dict) -> str:
+    """'LSTM 256' or 'transformer 2 x 256, 4 heads, context 32'."""
+    if config.get("arch") == TRANSFORMER:
+        return (
+            f"transformer {config['layers']} x {config['hidden_size']}, {config['heads']} heads, "
+            f"context {config['context']}"
+        )
+    return f"LSTM {config['hidden_size']}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +78,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steps per training sequence (truncated BPTT)",
     )
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--hidden-size", type=int_in(1, 8192), default=256, help="LSTM hidden size")
+    p.add_argument(
+        "--arch", choices=ARCHS, default=profile.M_ARCH, help="M: the MDN-RNN's LSTM or a transformer"
+    )
+    p.add_argument(
+        "--hidden-size", type=int_in(1, 8192), default=256, help="LSTM hidden size, or transformer width"
+    )
+    p.add_argument(
+        "--layers", type=int_in(1, 64), default=TRANSFORMER_DEFAULTS["layers"], help="transformer blocks"
+    )
+    p.add_argument(
+        "--heads", type=int_in(1, 64), default=TRANSFORMER_DEFAULTS["heads"], help="attention heads"
+    )
+    p.add_argument(
+        "--context",
+        type=int_in(1, 10_000),
+        default=TRANSFORMER_DEFAULTS["context"],
+        help="tokens a step sees",
+    )
     p.add_argument(
         "--gaussians", type=int_in(1, 256), default=5, help="mixture components per latent dimension"
     )
@@ -85,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_steps(
-    model: MDRNN, optimizer: torch.optim.Optimizer, device: torch.device, args: argparse.Namespace
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, args: argparse.Namespace
 ) -> tuple[Callable, Callable]:
     """train_step / test_step for utils.training.fit. Training noise comes from the global
     torch RNG (saved in last.pt: exact resumes); the test pass redraws the same noise every
@@ -124,7 +159,7 @@ class FixedNoise:
 
 @torch.no_grad()
 def plot_prediction(
-    model: MDRNN, rollout: dict[str, np.ndarray], path: Path, device: torch.device, dims: int = 4
+    model: torch.nn.Module, rollout: dict[str, np.ndarray], path: Path, device: torch.device, dims: int = 4
 ) -> None:
     """Predicted (mixture mean) vs true next latent mu for a few dims, and predicted vs true
     reward, along one test rollout fed with z = mu (deterministic, so plots compare)."""
@@ -179,11 +214,17 @@ def train(args: argparse.Namespace) -> int:
         )
     if not args.noreload and (stage / LAST).exists():
         try:
-            previous = load_checkpoint(stage / LAST).get("vae_fingerprint")
+            saved = load_checkpoint(stage / LAST)
+            previous, saved_arch = saved.get("vae_fingerprint"), m_arch(dict(saved.get("config", {})))
         except Exception as error:  # damaged or foreign: one line, as the resume itself would say
             raise BadCheckpointError(
                 f"cannot resume from {stage / LAST} ({error_line(error)}); use --noreload to start afresh"
             ) from None
+        if saved_arch != args.arch:
+            raise BadCheckpointError(
+                f"{stage / LAST} is an M of --arch {saved_arch}; resume with --arch {saved_arch}, "
+                "or use --noreload to start afresh"
+            )
         if previous is not None and previous != v_print:
             raise BadCheckpointError(
                 f"{stage / LAST} was trained on the latents of another V ({Path(args.logdir) / 'vae' / 'best.pt'} "
@@ -205,7 +246,10 @@ def train(args: argparse.Namespace) -> int:
         "dataset": str(args.dataset),
         "action_repeat": int(meta.get("action_repeat", 1)),  # env frames per M step, from the rollouts
     }
-    model = MDRNN(**{k: config[k] for k in SIZE_KEYS}).to(device)
+    size_keys = SIZE_KEYS + (TRANSFORMER_KEYS if args.arch == TRANSFORMER else [])
+    if args.arch == TRANSFORMER:  # the LSTM's configs stay as they were: no `arch` means the LSTM
+        config |= dict(arch=TRANSFORMER, layers=args.layers, heads=args.heads, context=args.context)
+    model = build_m(config, one_step=False).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
     next_keys = ("mu", "logsigma")
@@ -231,13 +275,13 @@ def train(args: argparse.Namespace) -> int:
         metrics=["gmm", "reward", "done"],
         unit="sequence",
         patience=args.patience,
-        config_keys=[*SIZE_KEYS, "action_repeat"],
+        config_keys=[*size_keys, "action_repeat"],
         on_epoch_end=lambda epoch, _: plot_prediction(model, plot_rollout, stage / "prediction.png", device),
         extra_state={"vae_fingerprint": v_print},
     )
     frames = sum(len(r["mu"]) for r in rollouts)
     print(
-        f"M: latent {config['latent_size']}, hidden {args.hidden_size}, {args.gaussians} gaussians, "
+        f"M ({describe_m(config)}): latent {config['latent_size']}, {args.gaussians} gaussians, "
         f"{config['action_repeat']} env frame(s) per step; "
         f"{len(train_rollouts)} train / {len(test_rollouts)} test rollouts ({frames} frames) from "
         f"{cache_path(args.logdir)}; device {device}"

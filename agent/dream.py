@@ -22,7 +22,14 @@ import torch
 
 from agent.display import display_problem
 from agent.population import Scores
-from agent.world import load_dream_starts, load_mdrnn, load_mid_episode_starts, load_vae, world_action_repeat
+from agent.world import (
+    load_dream_starts,
+    load_mdrnn,
+    load_mid_episode_starts,
+    load_vae,
+    require_lstm,
+    world_action_repeat,
+)
 from envs.carracing import MAX_EPISODE_STEPS
 from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, episode_noise
 from models.controller import batched_actions
@@ -179,6 +186,7 @@ class DreamEvaluator:
         mid_episode: bool = True,
     ) -> None:
         self.mdrnn = load_mdrnn(logdir, device)
+        require_lstm(self.mdrnn, "--dream")
         if mid_episode:  # anywhere in the real rollouts, with M's state there
             self.starts, self.start_hidden = load_mid_episode_starts(logdir, self.mdrnn)
         else:  # a rollout's first frame, M's state at zero

@@ -47,13 +47,15 @@ class Agent:
         self.vae = vae.to(self.device).eval()
         self.mdrnn = mdrnn.to(self.device).eval()
         self.controller = controller.to(self.device).eval()
-        self.hidden: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.hidden: tuple[torch.Tensor, ...] | None = None  # M's state, h first
         self.reset()
 
     def reset(self, batch_size: int = 1) -> None:
         """Zero M's state for `batch_size` new episodes: call at the start of every episode."""
         rows = -(-batch_size // self.block) * self.block
-        self.hidden = self.mdrnn.initial_state(rows, device=self.device)  # (h, c), each (rows, H)
+        self.hidden = self.mdrnn.initial_state(
+            rows, device=self.device
+        )  # (h, c) or the transformer's, rows first
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
@@ -68,13 +70,14 @@ class Agent:
         if noise is not None:
             raw_noise[: len(noise)] = torch.as_tensor(noise, dtype=torch.float32)
         actions, hidden = [], []
-        for z_block, h_block, c_block, n_block in zip(
-            z.split(self.block), *(s.split(self.block) for s in self.hidden), raw_noise.split(self.block)
-        ):
-            action = self.controller(z_block, h_block, n_block if noise is not None else None)  # (block, A)
-            hidden.append(self.mdrnn(z_block, action, (h_block, c_block)).hidden)
+        make = getattr(type(self.hidden), "_make", tuple)  # the LSTM's (h, c) or the transformer's state
+        blocks = zip(*(s.split(self.block) for s in self.hidden))  # M's state, h first, block by block
+        for z_block, state, n_block in zip(z.split(self.block), blocks, raw_noise.split(self.block)):
+            state = make(state)
+            action = self.controller(z_block, state[0], n_block if noise is not None else None)  # (block, A)
+            hidden.append(self.mdrnn(z_block, action, state).hidden)
             actions.append(action)
-        self.hidden = tuple(torch.cat(states) for states in zip(*hidden))  # (h, c), each (rows, H)
+        self.hidden = make(torch.cat(states) for states in zip(*hidden))  # rows first
         return torch.cat(actions)[: len(frames)].cpu().numpy()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from agent.imagine import start_states
 from data.latents import load_latent_cache
@@ -19,9 +20,10 @@ from envs.carracing import ACTION_SIZE
 from models.controller import Controller
 from models.mdrnn import MDRNN, MDRNNCell
 from models.vae import VAE
+from models.world_model import build_m, m_arch, m_class
 from utils.checkpoint import BEST, load_model, require_checkpoint, stage_dir
 from utils.cli import stage_command
-from utils.errors import BadCheckpointError
+from utils.errors import BadCheckpointError, BadInputError
 
 
 def load_vae(logdir: str | os.PathLike, device: str | torch.device = "cpu") -> VAE:
@@ -31,22 +33,32 @@ def load_vae(logdir: str | os.PathLike, device: str | torch.device = "cpu") -> V
 
 def load_mdrnn(
     logdir: str | os.PathLike, device: str | torch.device = "cpu", one_step: bool = True
-) -> MDRNNCell | MDRNN:
-    """M from `L/mdrnn/best.pt`: the one-step `MDRNNCell` (default) or the multi-step `MDRNN`."""
-    return load_model(MDRNNCell if one_step else MDRNN, logdir, "mdrnn", device)[0]
+) -> nn.Module:
+    """M from `L/mdrnn/best.pt`, of the architecture its config names: the one-step form
+    (`MDRNNCell`, `TransformerMCell`; default) or the sequence form (`MDRNN`, `TransformerM`)."""
+    return load_model(lambda config: m_class(config, one_step), logdir, "mdrnn", device)[0]
 
 
 def mdrnn_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> MDRNNCell:
     """The one-step M of a checkpoint entry {"state_dict", "config"}: the M a controller trained
     in imagination carries in its best.pt (its own fine-tuned M, docs/imagination.md)."""
     try:
-        mdrnn = MDRNNCell(**dict(state["config"]))
+        mdrnn = build_m(dict(state["config"]), one_step=True)
         mdrnn.load_state_dict(state["state_dict"])
     except Exception as error:
         raise BadCheckpointError(
             f"the controller's own M does not load ({type(error).__name__}: {error})"
         ) from None
     return mdrnn.to(device).eval()
+
+
+def require_lstm(mdrnn: nn.Module, what: str) -> None:
+    """Raise one line if `what` (a mode of stage 4) is asked of an M it cannot run yet."""
+    if not isinstance(mdrnn, (MDRNNCell, MDRNN)):
+        raise BadInputError(
+            f"{what} needs the MDN-RNN's LSTM M for now, and this M is a {m_arch(mdrnn.config)}: play it in "
+            "the real env (CMA-ES without --dream, test_controller.py), or train M with --arch lstm"
+        )
 
 
 def load_world(

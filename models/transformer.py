@@ -148,7 +148,9 @@ class TransformerM(_TransformerBase):
         state after the last step, which `TransformerMCell` continues from.
         """
         if hidden is not None:
-            raise ValueError("TransformerM runs a sequence from an empty past; step from a state with the cell")
+            raise ValueError(
+                "TransformerM runs a sequence from an empty past; step from a state with the cell"
+            )
         steps = latents.shape[1]
         distance = torch.arange(steps).unsqueeze(1) - torch.arange(steps).unsqueeze(0)  # (T, T): i - j
         allowed = (distance >= 0) & (distance < self.context)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,23 +88,31 @@ def check_config(
 
 
 def load_model(
-    cls: type, logdir: str | os.PathLike, stage: str, device: str | torch.device = "cpu", which: str = BEST
+    cls: type | Callable[[dict[str, Any]], type],
+    logdir: str | os.PathLike,
+    stage: str,
+    device: str | torch.device = "cpu",
+    which: str = BEST,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a stage's model from its checkpoint: sizes from `config`, never from constants.
 
-    Only the constructor arguments of `cls` are taken from the config (which also holds
+    `cls` is the model's class, or a function of the config that picks it (M's architecture).
+    Only the constructor arguments of the class are taken from the config (which also holds
     training hyper-parameters). Returns (model in eval mode on `device`, checkpoint). Weights
     that do not fit the config give one line naming the file.
     """
     state = require_checkpoint(logdir, stage, which, map_location=device)
-    wanted = inspect.signature(cls).parameters
+    name = getattr(cls, "__name__", stage) if isinstance(cls, type) else f"{stage} model"
     try:
-        model = cls(**{k: v for k, v in dict(state["config"]).items() if k in wanted}).to(device)
+        config = dict(state["config"])
+        model_cls = cls if isinstance(cls, type) else cls(config)
+        wanted = inspect.signature(model_cls).parameters
+        model = model_cls(**{k: v for k, v in config.items() if k in wanted}).to(device)
         model.load_state_dict(state["state_dict"])
     except Exception as error:
         path = stage_dir(logdir, stage) / which
         raise BadCheckpointError(
-            f"{path} does not hold a {cls.__name__} ({type(error).__name__}); "
+            f"{path} does not hold a {name} ({type(error).__name__}); "
             f"rerun `{stage_command(stage, logdir)} --noreload`"
         ) from None
     return model.eval(), state

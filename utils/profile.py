@@ -22,6 +22,7 @@ ROLLOUTS = 640  # Brownian-policy rollouts (stage 1)
 VAE_EPOCHS = 1
 MDRNN_EPOCHS = 10
 SEQ_LEN = 32  # steps per M training sequence (truncated BPTT)
+M_ARCH = "lstm"  # M: the MDN-RNN's LSTM, or "transformer" (trainmdrnn.py --arch)
 POP_SIZE = 24  # CMA-ES candidates per generation
 N_SAMPLES = 4  # tracks per candidate; its fitness is their mean return
 GENERATIONS = 100
