@@ -35,6 +35,7 @@ from agent.imagine import (
     RESCORE_EPISODES,
     ImagineRun,
     ImagineSettings,
+    StartStates,
     dream_beside_real,
     fine_tune_m,
     load_collected,
@@ -42,7 +43,6 @@ from agent.imagine import (
     predicted_returns,
     recent_weights,
     save_collected,
-    start_states,
 )
 from agent.population import (
     CollectTask,
@@ -55,7 +55,7 @@ from agent.population import (
 )
 from agent.search import Search
 from agent.seeds import collect_seeds, eval_seeds, rescore_seeds, train_seeds
-from agent.world import load_mdrnn, load_world, require_lstm, world_action_repeat
+from agent.world import load_mdrnn, load_world, world_action_repeat
 from data.latents import load_latent_cache
 from envs.carracing import ENV_FPS, MAX_EPISODE_STEPS
 from models.controller import Controller
@@ -574,14 +574,13 @@ def candidate_path(ctrl_dir: Path, round_: int) -> Path:
 
 
 def learn_in_imagination(
-    run: ImagineRun, cell, starts, weights: torch.Tensor, round_: int
+    run: ImagineRun, cell, starts: StartStates, weights: torch.Tensor, round_: int
 ) -> dict[str, float]:
     """The round's actor-critic updates from real start states drawn by `weights`; the mean of their stats."""
-    z, h, c = starts
     s, sums, t0 = run.settings, {}, time.perf_counter()
     for _ in tqdm(range(s.updates), unit="update", desc=f"round {round_} imagination", dynamic_ncols=True):
         picks = torch.multinomial(weights, s.batch, replacement=True)
-        for key, value in run.learner.update(cell, z[picks], h[picks], c[picks]).items():
+        for key, value in run.learner.update(cell, *starts.pick(picks)).items():
             sums[key] = sums.get(key, 0.0) + value / s.updates
     return sums | dict(imagined_steps_per_s=s.updates * s.batch * s.horizon / (time.perf_counter() - t0))
 
@@ -661,8 +660,7 @@ def train_in_imagination(args: argparse.Namespace) -> int:
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     remove_orphaned_temps(ctrl_dir)
-    vae, mdrnn, config = load_world(args.logdir)
-    require_lstm(mdrnn, "--imagine")
+    vae, _, config = load_world(args.logdir)
     initial = load_latent_cache(args.logdir)  # the rollouts M was trained on (trainmdrnn.py's cache)
     k = world_action_repeat(args.logdir)
     run = resume_or_start_imagining(args, config, ctrl_dir, sum(len(r["actions"]) for r in initial) * k)
@@ -701,7 +699,7 @@ def train_in_imagination(args: argparse.Namespace) -> int:
             cell = one_step(run.mdrnn)
             states = np.array([len(r["actions"]) - 1 for r in rollouts])  # start states per rollout
             weights = torch.from_numpy(np.repeat(recent_weights(states, recent, s.recent), states))
-            row |= learn_in_imagination(run, cell, start_states(cell, rollouts), weights, round_)
+            row |= learn_in_imagination(run, cell, StartStates(cell, rollouts), weights, round_)
             with make_agent_pool(args, config, k, workers, run.mdrnn_state()) as pool:
                 played = play_round(pool, run, round_, args.max_steps)
             names = [f"{COLLECTED}/round_{round_:03d}/rollout_{i}.npz" for i in range(len(played))]

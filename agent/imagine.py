@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from data.latents import STEP_KEYS
 from data.loaders import collate_windows
@@ -23,6 +24,7 @@ from data.rollouts import BAD_FILE_ERRORS, save_rollout
 from models.actor_critic import Actor, Critic, discount_weights, imagine, lambda_returns
 from models.mdrnn import MDRNN, MDRNNCell, batch_loss
 from models.vae import VAE
+from models.world_model import build_m
 from utils.errors import BadRolloutError
 
 COLLECTED = "rollouts"  # L/ctrl/rollouts/round_RRR/rollout_I.npz: the real rollouts the rounds collected
@@ -90,6 +92,53 @@ def start_states(
     return mu[keep], hs[keep], cs[keep]
 
 
+class StartStates:
+    """Every non-final step of every rollout as a start for imagination: z there (V's mu) and M's
+    state before it reads z, as the agent's M has it in the real env (the order of `start_states`).
+
+    The LSTM's states are computed once for all steps (`start_states`). A transformer's state is a
+    cache of keys and values, too big to keep for every step, so `pick` recomputes the picked ones:
+    its cell replays the `memory_steps` steps before each start, which determine its state exactly."""
+
+    def __init__(self, cell: nn.Module, rollouts: list[dict[str, np.ndarray]]) -> None:
+        self.cell = cell
+        if isinstance(cell, MDRNNCell):
+            self.z, h, c = start_states(cell, rollouts)
+            self.hidden = (h, c)
+            return
+        lengths = [len(r["actions"]) for r in rollouts]
+        self.mu = torch.zeros(len(rollouts), max(lengths), cell.latent_size)
+        self.actions = torch.zeros(len(rollouts), max(lengths), cell.action_size)
+        for i, r in enumerate(rollouts):
+            self.mu[i, : lengths[i]] = torch.from_numpy(r["mu"])
+            self.actions[i, : lengths[i]] = torch.from_numpy(r["actions"])
+        self.rows = torch.cat([torch.full((n - 1,), i) for i, n in enumerate(lengths)])
+        self.steps = torch.cat([torch.arange(n - 1) for n in lengths])
+        self.z = self.mu[self.rows, self.steps]
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    @torch.no_grad()
+    def pick(self, indices: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(z (B, L), M's state there, h first) of the start states at `indices` (B,)."""
+        if isinstance(self.cell, MDRNNCell):
+            return self.z[indices], tuple(s[indices] for s in self.hidden)
+        rows, starts = self.rows[indices], self.steps[indices]
+        state = self.cell.initial_state(len(indices))
+        for back in range(self.cell.memory_steps, 0, -1):  # the steps start - back, oldest first
+            t = starts - back
+            out = self.cell(self.mu[rows, t.clamp(min=0)], self.actions[rows, t.clamp(min=0)], state)
+            active = t >= 0  # a start early in its rollout has fewer steps behind it
+            state = type(state)(
+                *(
+                    torch.where(active.view(-1, *[1] * (new.dim() - 1)), new, old)
+                    for new, old in zip(out.hidden, state)
+                )
+            )
+        return self.z[indices], state
+
+
 class Learner:
     """The actor, the critic, its slow target copy, their optimisers and the return scale."""
 
@@ -105,10 +154,10 @@ class Learner:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=settings.critic_lr)
         self.return_scale = 1.0  # EMA of the 5th-95th percentile range of the returns (DreamerV3)
 
-    def update(self, mdrnn: MDRNNCell, z: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> dict[str, float]:
-        """One actor and one critic step on imagined rollouts from the start states (B, .)."""
+    def update(self, mdrnn: nn.Module, z: torch.Tensor, hidden: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        """One actor and one critic step on imagined rollouts from start states z (B, L) and M's state there."""
         s = self.settings
-        traj = imagine(mdrnn, self.actor, z, (h, c), s.horizon, s.temperature)
+        traj = imagine(mdrnn, self.actor, z, hidden, s.horizon, s.temperature)
         values = self.target(traj.z, traj.h)  # (H+1, B), differentiable in z and h, not in its weights
         returns = lambda_returns(traj.rewards, traj.continues, values, s.gamma, s.lam)  # (H, B)
         weights = discount_weights(traj.continues, s.gamma)  # (H, B)
@@ -223,9 +272,9 @@ def dream_beside_real(vae: VAE, mdrnn: MDRNNCell, actor: Actor, observations: np
     return np.concatenate([observations, gap, dreamt], axis=2)
 
 
-def one_step(mdrnn: MDRNN) -> MDRNNCell:
+def one_step(mdrnn: nn.Module) -> nn.Module:
     """The frozen one-step form of `mdrnn` (the same weights), for imagination and start states."""
-    cell = MDRNNCell(**mdrnn.config)
+    cell = build_m(mdrnn.config, one_step=True)
     cell.load_state_dict(mdrnn.state_dict())
     return cell.requires_grad_(False).eval()
 
@@ -312,7 +361,7 @@ class ImagineRun:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ImagineRun:
         """Rebuild a saved run (raises KeyError/ValueError/RuntimeError if malformed)."""
-        mdrnn = MDRNN(**dict(state["mdrnn"]["config"]))
+        mdrnn = build_m(dict(state["mdrnn"]["config"]), one_step=False)
         mdrnn.load_state_dict(state["mdrnn"]["state_dict"])
         run = cls(
             dict(state["config"]),

@@ -45,10 +45,10 @@ def main() -> int:
         torch.zeros(args.batch, hidden),
     )
 
-    learner.update(mdrnn, z, h, c)  # warm-up
+    learner.update(mdrnn, z, (h, c))  # warm-up
     start = time.perf_counter()
     for _ in range(args.updates):
-        learner.update(mdrnn, z, h, c)
+        learner.update(mdrnn, z, (h, c))
     seconds = time.perf_counter() - start
     trained = args.updates * args.batch * args.horizon / seconds
 

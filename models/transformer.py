@@ -100,6 +100,11 @@ class _TransformerBase(nn.Module):
         self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
 
     @property
+    def memory_steps(self) -> int:
+        """How many latest steps decide the state exactly: each block reaches context - 1 steps further back."""
+        return self.layers * (self.context - 1) + 1
+
+    @property
     def config(self) -> dict:
         """Constructor arguments, `arch` included: every stage rebuilds the right M from it."""
         return dict(

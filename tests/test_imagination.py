@@ -13,6 +13,7 @@ from agent.imagine import (
     ImagineRun,
     ImagineSettings,
     Learner,
+    StartStates,
     dream_beside_real,
     fine_tune_m,
     one_step,
@@ -22,6 +23,7 @@ from agent.imagine import (
 )
 from models.actor_critic import Actor, discount_weights, imagine, lambda_returns
 from models.mdrnn import MDRNN, MDRNNCell
+from models.transformer import TransformerMCell
 from models.vae import VAE
 
 LATENT, HIDDEN = 4, 8
@@ -70,7 +72,7 @@ def test_gradients_reach_the_actor_through_m_and_m_stays_unchanged():
     learner = Learner(dict(latent_size=LATENT, hidden_size=HIDDEN, action_size=3), ImagineSettings(horizon=4))
     actor_before = learner.actor.controller.fc.weight.clone()
     for _ in range(3):
-        learner.update(mdrnn, z, *hidden)
+        learner.update(mdrnn, z, hidden)
     assert not torch.equal(learner.actor.controller.fc.weight, actor_before)
     for key, value in mdrnn.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -184,3 +186,36 @@ def test_the_dream_gif_puts_the_real_frames_beside_v_decoding_m_imagination():
     decoded = (vae.decode(traj.z[:, 0]).detach().permute(0, 2, 3, 1).numpy() * 255).round()
     assert np.abs(picture[:, :, 66:].astype(float) - decoded).max() <= 1  # frame t is M's z_t
     assert not np.array_equal(picture[0, :, 66:], picture[5, :, 66:])  # M's frames move
+
+
+def test_a_transformer_ms_start_states_are_the_agents_m_state_far_into_a_rollout():
+    """Recomputed from the memory_steps steps before each start, the transformer's state is the
+    one its cell reaches stepping the whole rollout from its first frame, past the window's edge."""
+    torch.manual_seed(2)
+    cell = TransformerMCell(LATENT, 3, HIDDEN, 2, layers=2, heads=2, context=3).eval()
+    rng = np.random.default_rng(1)
+    rollouts = [
+        {
+            "mu": rng.normal(size=(n, LATENT)).astype(np.float32),
+            "actions": rng.random((n, 3)).astype(np.float32),
+        }
+        for n in (12, 4)
+    ]
+    starts = StartStates(cell, rollouts)
+    assert len(starts) == 11 + 3 and cell.memory_steps == 5
+    z, state = starts.pick(torch.arange(len(starts)))
+    running, by_hand = cell.initial_state(1), []
+    for t in range(11):  # the first rollout, stepped from its start
+        by_hand.append(running)
+        running = cell(
+            torch.from_numpy(rollouts[0]["mu"][t : t + 1]),
+            torch.from_numpy(rollouts[0]["actions"][t : t + 1]),
+            running,
+        ).hidden
+    for t in range(11):
+        assert torch.equal(z[t], torch.from_numpy(rollouts[0]["mu"][t]))
+        for got, want in zip(state, by_hand[t]):
+            assert torch.allclose(got[t], want[0], atol=1e-5), t
+    assert torch.all(state.filled[11] == 0) and torch.equal(z[11], torch.from_numpy(rollouts[1]["mu"][0]))
+    picked_z, picked = starts.pick(torch.tensor([9, 2]))  # any batch of picks: the same states
+    assert torch.equal(picked_z, z[[9, 2]]) and torch.allclose(picked.kv, state.kv[[9, 2]], atol=1e-6)

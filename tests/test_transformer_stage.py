@@ -116,7 +116,7 @@ def test_test_controller_plays_c_with_the_transformer_m(logdir):
     assert gaps[0] == 0 and max(gaps) > 1e-6  # h = 0 at first for both; then the memory shows in the actions
 
 
-def test_cma_es_in_the_real_env_runs_on_it_and_dream_and_imagine_say_they_cannot_yet(logdir, tmp_path):
+def test_cma_es_and_imagination_run_on_it_and_the_dream_says_it_cannot_yet(logdir, tmp_path):
     shutil.copytree(logdir, tmp_path / "copy")
     logdir = tmp_path / "copy"
     flags = ["--logdir", str(logdir), "--pop-size", "2", "--n-samples", "1", "--generations", "1"]
@@ -135,4 +135,12 @@ def test_cma_es_in_the_real_env_runs_on_it_and_dream_and_imagine_say_they_cannot
     assert search.returncode == 0, search.stderr[-2000:]
     assert load_checkpoint(logdir / "ctrl/last.pt")["generation"] == 1
     one_line_error(script("traincontroller.py", *flags, "--dream"), "--dream needs the MDN-RNN's LSTM M")
-    one_line_error(script("traincontroller.py", *flags, "--imagine"), "--imagine needs the MDN-RNN's LSTM M")
+    imagine = ["--logdir", str(logdir), "--imagine", "--rounds", "2", "--updates", "2", "--horizon", "3"]
+    imagine += ["--collect-episodes", "1", "--eval-episodes", "1", "--max-steps", "24", "--workers", "1"]
+    ok = script("traincontroller.py", *imagine, "--rescore-episodes", "1", "--noreload")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    best = load_checkpoint(logdir / "ctrl/best.pt")
+    assert best["mdrnn"]["config"]["arch"] == "transformer"  # C carries the transformer M it learnt in
+    original = load_checkpoint(logdir / "mdrnn/best.pt")["state_dict"]
+    last = load_checkpoint(logdir / "ctrl/last.pt")
+    assert not torch.equal(last["mdrnn"]["state_dict"]["head.weight"], original["head.weight"])  # fine-tuned
