@@ -98,12 +98,20 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV's rows, or [] if it is absent or unreadable."""
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
 def read_returns(path: Path) -> np.ndarray | None:
     """The per-episode test returns (episodes,) from test_controller.py's returns.csv, or None."""
     try:
-        with open(path, newline="") as handle:
-            returns = np.array([float(row["return"]) for row in csv.DictReader(handle)])
-    except (OSError, KeyError, ValueError):
+        returns = np.array([float(row["return"]) for row in read_csv_rows(path)])
+    except (KeyError, TypeError, ValueError):
         return None
     return returns if returns.size else None
 
@@ -326,6 +334,24 @@ def ctrl_section(report: Report) -> None:
             f"**{float(best['eval_return']):.1f} ± {float(best.get('eval_std', math.nan)):.1f}** "
             f"over {best.get('eval_episodes', '?')} tracks at {'round' if 'round' in best else 'generation'} "
             f"{best.get('generation', '?')} (this C is the one tested).",
+            "",
+        )
+    try:
+        rescored = [
+            f"| {r['round']} | {float(r['eval_mean']):.1f} | {float(r['rescore_mean']):.1f} ± "
+            f"{float(r['rescore_std']):.1f} | {'yes' if r['chosen'] == '1' else ''} |"
+            for r in read_csv_rows(folder / "rescore.csv")
+        ]
+    except (KeyError, TypeError, ValueError):  # a damaged log: the table is left out
+        rescored = []
+    if rescored:
+        report.add(
+            "The best-evaluated rounds, re-scored on the same fresh tracks (ctrl/rescore.csv); the "
+            "chosen one is best.pt:",
+            "",
+            "| round | its evaluation | re-scored | chosen |",
+            "|---|---|---|---|",
+            *rescored,
             "",
         )
     if last is not None and "imagine" in last:

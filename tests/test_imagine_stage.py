@@ -247,3 +247,5 @@ def test_the_final_rescoring_picks_the_kept_round_that_plays_best(two_rounds, tm
     assert load_checkpoint(logdir / "ctrl/last.pt")["frames"] == before["frames"] + 2 * 3 * FRAMES
     again = ok(run(logdir, *SMALL[:-1], "3", "--rounds", "2"))
     assert "nothing to do" in again.stdout
+    table = [line for line in build_report(logdir).read_text().splitlines() if line.endswith("| yes |")]
+    assert len(table) == 1 and table[0].startswith(f"| {chosen} |")  # the report shows the pick
