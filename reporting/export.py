@@ -8,7 +8,8 @@ returns, bit for bit): `vae/best.pt`, `mdrnn/best.pt` and `ctrl/best.pt` keep th
 configs and the few facts a reader wants (epochs, losses, generation, evaluated return,
 action repeat); optimizer states, RNG states, logs and the latent cache are left behind.
 The test's `ctrl/eval/returns.csv` and GIF come along when present, as `OUT/test_returns.csv`
-and `OUT/episode.gif` (outside `ctrl/eval/`, which a new test run rewrites). With `--share DIR`
+and `OUT/episode.gif` (outside `ctrl/eval/`, which a new test run rewrites), and an --imagine
+run's `ctrl/dream_vs_real.gif` as `OUT/dream_vs_real.gif`. With `--share DIR`
 a stage whose weights equal DIR's (a C trained in imagination on the shipped V and M) becomes a
 relative symlink to DIR's file instead of a second copy.
 """
@@ -41,12 +42,14 @@ KEEP = {  # stage -> the checkpoint entries evaluation and a curious reader need
         "imagine",
         "frames",
         "mdrnn",  # ... and the fine-tuned M it plays with
+        "rescored",  # ... and the re-scoring of its best rounds that picked it
     ),
 }
 EVAL_FILES = {
-    "returns.csv": "test_returns.csv",
-    "episode.gif": "episode.gif",
-}  # ctrl/eval/ name -> name in OUT
+    "eval/returns.csv": "test_returns.csv",
+    "eval/episode.gif": "episode.gif",
+    "dream_vs_real.gif": "dream_vs_real.gif",
+}  # name under ctrl/ -> name in OUT
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -72,7 +75,7 @@ def export(logdir: str | Path, out: str | Path, share: str | Path | None = None)
         save_checkpoint(path, {key: state[key] for key in keys if key in state})
         written.append(path)
     for name, exported in EVAL_FILES.items():
-        source = stage_dir(logdir, "ctrl") / "eval" / name
+        source = stage_dir(logdir, "ctrl") / name
         if source.is_file():
             target = Path(out) / exported
             with atomic_write(target) as handle:
