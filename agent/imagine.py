@@ -98,7 +98,8 @@ class StartStates:
 
     The LSTM's states are computed once for all steps (`start_states`). A transformer's state is a
     cache of keys and values, too big to keep for every step, so `pick` recomputes the picked ones:
-    its cell replays the `memory_steps` steps before each start, which determine its state exactly."""
+    it reads the `memory_steps` steps before each start, which determine its state exactly, in one
+    banded pass (`TransformerMCell.state_after`)."""
 
     def __init__(self, cell: nn.Module, rollouts: list[dict[str, np.ndarray]]) -> None:
         self.cell = cell
@@ -125,17 +126,13 @@ class StartStates:
         if isinstance(self.cell, MDRNNCell):
             return self.z[indices], tuple(s[indices] for s in self.hidden)
         rows, starts = self.rows[indices], self.steps[indices]
-        state = self.cell.initial_state(len(indices))
-        for back in range(self.cell.memory_steps, 0, -1):  # the steps start - back, oldest first
-            t = starts - back
-            out = self.cell(self.mu[rows, t.clamp(min=0)], self.actions[rows, t.clamp(min=0)], state)
-            active = t >= 0  # a start early in its rollout has fewer steps behind it
-            state = type(state)(
-                *(
-                    torch.where(active.view(-1, *[1] * (new.dim() - 1)), new, old)
-                    for new, old in zip(out.hidden, state)
-                )
-            )
+        t = starts.unsqueeze(1) - torch.arange(
+            self.cell.memory_steps, 0, -1
+        )  # (B, W): the steps before each start
+        rows, at = rows.unsqueeze(1), t.clamp(min=0)
+        state = self.cell.state_after(
+            self.mu[rows, at], self.actions[rows, at], t >= 0
+        )  # early starts: padding
         return self.z[indices], state
 
 

@@ -128,6 +128,39 @@ class _TransformerBase(nn.Module):
         )
         return TransformerState(h, kv, torch.zeros(batch_size, self.context, device=device, dtype=p.dtype))
 
+    def _sequence(
+        self, latents: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, TransformerState]:
+        """The banded causal pass over (B, T) tokens: (h at every step (B, T, H), the state after the
+        last). `valid` (B, T), if given, marks the real tokens: each row's first ones may be padding,
+        which no real token attends to and the state does not hold."""
+        batch, steps = latents.shape[:2]
+        distance = torch.arange(steps).unsqueeze(1) - torch.arange(steps).unsqueeze(0)  # (T, T): i - j
+        allowed = ((distance >= 0) & (distance < self.context)).to(latents.device)
+        if valid is not None:  # a padding key is seen by no one but itself (so no row is empty)
+            allowed = allowed & (
+                valid.unsqueeze(1) | torch.eye(steps, dtype=torch.bool, device=latents.device)
+            )
+            allowed = allowed.unsqueeze(1)  # (B, 1, T, T)
+        bias = (-self.slopes.view(-1, 1, 1) * distance.to(latents.dtype).to(latents.device)).masked_fill(
+            ~allowed, float("-inf")
+        )  # (heads, T, T), or (B, heads, T, T) with `valid`
+        x = self.embed(torch.cat([latents, actions], dim=-1))  # (B, T, H)
+        kept = min(steps, self.context)
+        cached = []
+        for block in self.blocks:
+            k, v = block.keys_values(x)
+            cached.append(torch.stack([k, v], 1)[:, :, -kept:])  # (B, 2, kept, H)
+            x = block(x, k, v, bias)
+        h_seq = self.norm(x)
+        state = self.initial_state(batch, latents.device)
+        real = torch.ones(batch, kept, device=latents.device) if valid is None else valid[:, -kept:].float()
+        kv = torch.cat([state.kv[:, :, :, : self.context - kept], torch.stack(cached, 1)], 3)
+        kv = kv * torch.cat([state.filled[:, : self.context - kept], real], 1).view(batch, 1, 1, -1, 1)
+        filled = torch.cat([state.filled[:, : self.context - kept], real], 1)
+        h = h_seq[:, -1] * real[:, -1:]  # a row of padding only has no past: h = 0
+        return h_seq, TransformerState(h, kv, filled)
+
     def _heads(self, h_seq: torch.Tensor, state: TransformerState) -> MDNOutput:
         """Split the head's output, as the MDN-RNN does."""
         out = self.head(h_seq)
@@ -156,32 +189,19 @@ class TransformerM(_TransformerBase):
             raise ValueError(
                 "TransformerM runs a sequence from an empty past; step from a state with the cell"
             )
-        steps = latents.shape[1]
-        distance = torch.arange(steps).unsqueeze(1) - torch.arange(steps).unsqueeze(0)  # (T, T): i - j
-        allowed = (distance >= 0) & (distance < self.context)
-        bias = -self.slopes.view(-1, 1, 1) * distance.to(latents.dtype)  # (heads, T, T)
-        bias = bias.masked_fill(~allowed, float("-inf")).to(latents.device)
-        x = self.embed(torch.cat([latents, actions], dim=-1))  # (B, T, H)
-        cached = []
-        for block in self.blocks:
-            k, v = block.keys_values(x)
-            cached.append(torch.stack([k, v], 1)[:, :, -self.context :])  # (B, 2, <=context, H)
-            x = block(x, k, v, bias)
-        h_seq = self.norm(x)
-        return self._heads(h_seq, self._final_state(h_seq[:, -1], cached, steps))
-
-    def _final_state(self, h: torch.Tensor, cached: list[torch.Tensor], steps: int) -> TransformerState:
-        state = self.initial_state(h.shape[0], h.device)
-        kept = min(steps, self.context)
-        kv = state.kv.clone()
-        kv[:, :, :, self.context - kept :] = torch.stack(cached, 1)
-        filled = state.filled.clone()
-        filled[:, self.context - kept :] = 1
-        return TransformerState(h, kv, filled)
+        h_seq, state = self._sequence(latents, actions)
+        return self._heads(h_seq, state)
 
 
 class TransformerMCell(_TransformerBase):
     """One-step form: reads (z_t, a_t) and the cache of the past, returns the next state."""
+
+    def state_after(
+        self, latents: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor
+    ) -> TransformerState:
+        """The state after reading the (B, T) tokens whose `valid` (B, T) marks the real ones (the
+        first ones of a row may be padding), in one banded pass: what stepping them would give."""
+        return self._sequence(latents, actions, valid)[1]
 
     def forward(
         self, latent: torch.Tensor, action: torch.Tensor, hidden: TransformerState | None = None
