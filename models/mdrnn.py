@@ -37,6 +37,18 @@ class MDNOutput(NamedTuple):
     h: torch.Tensor  # (B, T, H): LSTM output at every step (the controller's input)
 
 
+def split_head(
+    out: torch.Tensor, latent_size: int, gaussians: int, hidden: tuple, h: torch.Tensor
+) -> MDNOutput:
+    """The head's output (..., 3*L*K + 2) as an MDNOutput: per (latent dim, component) mu,
+    logsigma and a mixture logit (log-softmax normalised over K), then the reward and done logit."""
+    n, shape = latent_size * gaussians, (latent_size, gaussians)
+    mu = out[..., :n].unflatten(-1, shape)
+    logsigma = out[..., n : 2 * n].unflatten(-1, shape)
+    logpi = out[..., 2 * n : 3 * n].unflatten(-1, shape).log_softmax(dim=-1)
+    return MDNOutput(mu, logsigma, logpi, out[..., -2], out[..., -1], hidden, h)
+
+
 class _MDRNNBase(nn.Module):
     """Layers and head-splitting shared by MDRNN and MDRNNCell."""
 
@@ -77,14 +89,8 @@ class _MDRNNBase(nn.Module):
         if hidden is not None:  # nn.LSTM wants (num_layers=1, B, H); accept both layouts
             hidden = tuple(s if s.dim() == 3 else s.unsqueeze(0) for s in hidden)
         h_seq, (h_n, c_n) = self.lstm(torch.cat([latents, actions], dim=-1), hidden)  # (B, T, H)
-        out = self.head(h_seq)  # (B, T, 3*L*K + 2)
-        n = self.latent_size * self.gaussians
-        shape = (self.latent_size, self.gaussians)
-        mu = out[..., :n].unflatten(-1, shape)
-        logsigma = out[..., n : 2 * n].unflatten(-1, shape)
-        logpi = out[..., 2 * n : 3 * n].unflatten(-1, shape).log_softmax(dim=-1)
-        return MDNOutput(
-            mu, logsigma, logpi, out[..., -2], out[..., -1], (h_n.squeeze(0), c_n.squeeze(0)), h_seq
+        return split_head(
+            self.head(h_seq), self.latent_size, self.gaussians, (h_n.squeeze(0), c_n.squeeze(0)), h_seq
         )
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.mdrnn import MDNOutput
+from models.mdrnn import MDNOutput, split_head
 
 ARCH = "transformer"  # the `arch` a checkpoint's config names (the MDN-RNN's configs have none)
 
@@ -162,18 +162,8 @@ class _TransformerBase(nn.Module):
         return h_seq, TransformerState(h, kv, filled)
 
     def _heads(self, h_seq: torch.Tensor, state: TransformerState) -> MDNOutput:
-        """Split the head's output, as the MDN-RNN does."""
-        out = self.head(h_seq)
-        n, shape = self.latent_size * self.gaussians, (self.latent_size, self.gaussians)
-        return MDNOutput(
-            out[..., :n].unflatten(-1, shape),
-            out[..., n : 2 * n].unflatten(-1, shape),
-            out[..., 2 * n : 3 * n].unflatten(-1, shape).log_softmax(dim=-1),
-            out[..., -2],
-            out[..., -1],
-            state,
-            h_seq,
-        )
+        """The MDN-RNN's head on the outputs h (..., H)."""
+        return split_head(self.head(h_seq), self.latent_size, self.gaussians, state, h_seq)
 
 
 class TransformerM(_TransformerBase):
