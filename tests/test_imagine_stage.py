@@ -33,6 +33,7 @@ from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
+from reporting import dream_gif
 from reporting.export import export
 from reporting.report import build_report
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -197,6 +198,9 @@ def test_the_report_reads_an_imagination_run(two_rounds, tmp_path):
 
     with Image.open(logdir / "report/dream_vs_real.gif") as gif:  # round 2's first evaluation episode
         assert gif.size == (130, 64) and gif.n_frames == FRAMES
+    dream_gif.main(["--logdir", str(logdir), "--out", str(tmp_path / "d.gif"), "--max-steps", str(FRAMES)])
+    with Image.open(tmp_path / "d.gif") as gif:  # a held-out track, every other step, twice the size
+        assert gif.size == (260, 128) and gif.n_frames == FRAMES // 2
 
 
 def test_a_resume_with_other_settings_or_of_another_kind_is_refused(two_rounds, tmp_path):
