@@ -36,13 +36,13 @@ from agent.imagine import (
     ImagineRun,
     ImagineSettings,
     StartStates,
-    dream_beside_real,
     fine_tune_m,
     load_collected,
     one_step,
     predicted_returns,
     recent_weights,
     save_collected,
+    save_dream_gif,
 )
 from agent.population import (
     CollectTask,
@@ -57,7 +57,7 @@ from agent.search import Search
 from agent.seeds import collect_seeds, eval_seeds, rescore_seeds, train_seeds
 from agent.world import load_mdrnn, load_world, world_action_repeat
 from data.latents import load_latent_cache
-from envs.carracing import ENV_FPS, MAX_EPISODE_STEPS
+from envs.carracing import MAX_EPISODE_STEPS
 from models.controller import Controller
 from pool import WorkerError, check_backend, worker_failure
 from utils import profile
@@ -75,7 +75,7 @@ from utils.cli import (
 )
 from utils.errors import BadCheckpointError
 from utils.files import remove_orphaned_temps
-from utils.logs import CSVLog, plot_columns, save_gif
+from utils.logs import CSVLog, plot_columns
 from utils.params import count_params, get_flat_params
 
 LOG_FIELDS = [
@@ -617,8 +617,7 @@ def rescore_candidates(args: argparse.Namespace, run: ImagineRun, ctrl_dir: Path
         candidate = load_checkpoint(candidate_path(ctrl_dir, round_))
         controller = Controller(**run.config)
         controller.load_state_dict(candidate["state_dict"])
-        k = run.action_repeat
-        with make_agent_pool(args, run.config, k, workers, candidate["mdrnn"]) as pool:
+        with make_agent_pool(args, run.config, run.action_repeat, workers, candidate["mdrnn"]) as pool:
             real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)
             scores = score(real, [get_flat_params(controller)], tracks, f"re-scoring round {round_}")
         returns = scores.returns[0]
@@ -717,8 +716,7 @@ def train_in_imagination(args: argparse.Namespace) -> int:
             )
             predicted = predicted_returns(cell, run.learner.actor, firsts, -(-args.max_steps // k))
             row["eval_dream_mean"] = float(predicted.mean())
-            side_by_side = dream_beside_real(vae, cell, run.learner.actor, played[0]["observations"])
-            save_gif(ctrl_dir / DREAM_GIF, side_by_side, round(1000 * k / ENV_FPS))
+            save_dream_gif(ctrl_dir / DREAM_GIF, vae, cell, run.learner.actor, played[0]["observations"], k)
             row["collect_mean"] = float(noisy.mean()) if len(noisy) else None
             improved = run.record_eval(row["eval_mean"])
             if improved:

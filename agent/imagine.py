@@ -21,11 +21,13 @@ import torch.nn as nn
 from data.latents import STEP_KEYS
 from data.loaders import collate_windows
 from data.rollouts import BAD_FILE_ERRORS, save_rollout
+from envs.carracing import ENV_FPS
 from models.actor_critic import Actor, Critic, discount_weights, imagine, lambda_returns
 from models.mdrnn import MDRNN, MDRNNCell, batch_loss
 from models.vae import VAE
 from models.world_model import build_m
 from utils.errors import BadRolloutError
+from utils.logs import save_gif
 
 COLLECTED = "rollouts"  # L/ctrl/rollouts/round_RRR/rollout_I.npz: the real rollouts the rounds collected
 CANDIDATES = "candidates"  # L/ctrl/candidates/round_RRR.pt: C and M of the best-evaluated rounds so far
@@ -126,13 +128,10 @@ class StartStates:
         if isinstance(self.cell, MDRNNCell):
             return self.z[indices], tuple(s[indices] for s in self.hidden)
         rows, starts = self.rows[indices], self.steps[indices]
-        t = starts.unsqueeze(1) - torch.arange(
-            self.cell.memory_steps, 0, -1
-        )  # (B, W): the steps before each start
+        back = torch.arange(self.cell.memory_steps, 0, -1)  # (W,): how far back, oldest first
+        t = starts.unsqueeze(1) - back  # (B, W): the steps before each start; < 0 is padding
         rows, at = rows.unsqueeze(1), t.clamp(min=0)
-        state = self.cell.state_after(
-            self.mu[rows, at], self.actions[rows, at], t >= 0
-        )  # early starts: padding
+        state = self.cell.state_after(self.mu[rows, at], self.actions[rows, at], t >= 0)
         return self.z[indices], state
 
 
@@ -259,7 +258,7 @@ def predicted_returns(
 
 
 @torch.no_grad()
-def dream_beside_real(vae: VAE, mdrnn: MDRNNCell, actor: Actor, observations: np.ndarray) -> np.ndarray:
+def dream_beside_real(vae: VAE, mdrnn: nn.Module, actor: Actor, observations: np.ndarray) -> np.ndarray:
     """(T, 64, 130, 3) uint8: a real episode's frames (T, 64, 64, 3) on the left and, on the right,
     what M imagines from its first frame with C acting on the imagined frames, decoded by V."""
     first = vae.encode_frames(observations[:1])[0]
@@ -267,6 +266,16 @@ def dream_beside_real(vae: VAE, mdrnn: MDRNNCell, actor: Actor, observations: np
     dreamt = vae.decode(traj.z[:, 0]).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
     gap = np.full((len(observations), 64, 2, 3), 255, np.uint8)
     return np.concatenate([observations, gap, dreamt], axis=2)
+
+
+def save_dream_gif(
+    path: Path, vae: VAE, mdrnn: nn.Module, actor: Actor, observations: np.ndarray, action_repeat: int
+) -> None:
+    """`dream_beside_real` as a GIF at `path`: every other step, at twice V's size, in real time."""
+    frames = dream_beside_real(vae, mdrnn, actor, observations)[::2]
+    save_gif(
+        path, list(np.kron(frames, np.ones((1, 2, 2, 1), np.uint8))), round(2000 * action_repeat / ENV_FPS)
+    )
 
 
 def one_step(mdrnn: nn.Module) -> nn.Module:

@@ -53,9 +53,7 @@ class Agent:
     def reset(self, batch_size: int = 1) -> None:
         """Zero M's state for `batch_size` new episodes: call at the start of every episode."""
         rows = -(-batch_size // self.block) * self.block
-        self.hidden = self.mdrnn.initial_state(
-            rows, device=self.device
-        )  # (h, c) or the transformer's, rows first
+        self.hidden = self.mdrnn.initial_state(rows, device=self.device)  # M's state, rows first
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:

@@ -39,7 +39,7 @@ def load_mdrnn(
     return load_model(lambda config: m_class(config, one_step), logdir, "mdrnn", device)[0]
 
 
-def mdrnn_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> MDRNNCell:
+def mdrnn_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
     """The one-step M of a checkpoint entry {"state_dict", "config"}: the M a controller trained
     in imagination carries in its best.pt (its own fine-tuned M, docs/imagination.md)."""
     try:

@@ -155,9 +155,9 @@ class _TransformerBase(nn.Module):
         h_seq = self.norm(x)
         state = self.initial_state(batch, latents.device)
         real = torch.ones(batch, kept, device=latents.device) if valid is None else valid[:, -kept:].float()
+        filled = torch.cat([state.filled[:, : self.context - kept], real], 1)  # (B, context)
         kv = torch.cat([state.kv[:, :, :, : self.context - kept], torch.stack(cached, 1)], 3)
-        kv = kv * torch.cat([state.filled[:, : self.context - kept], real], 1).view(batch, 1, 1, -1, 1)
-        filled = torch.cat([state.filled[:, : self.context - kept], real], 1)
+        kv = kv * filled.view(batch, 1, 1, -1, 1)  # padding slots hold zeros, as an empty cache does
         h = h_seq[:, -1] * real[:, -1:]  # a row of padding only has no past: h = 0
         return h_seq, TransformerState(h, kv, filled)
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agent.imagine import dream_beside_real
+from agent.imagine import save_dream_gif
 from agent.policy import Agent, record_episode
 from agent.seeds import holdout_seeds
 from agent.world import load_best_controller, load_world
-from envs.carracing import ENV_FPS, MAX_EPISODE_STEPS, make_env
+from envs.carracing import MAX_EPISODE_STEPS, make_env
 from models.actor_critic import Actor
 from utils.checkpoint import BEST, require_checkpoint
 from utils.cli import ArgumentParser, int_in, run_script, writable_file
-from utils.logs import save_gif
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     actor = Actor(config["latent_size"], config["hidden_size"], config["action_size"])
     actor.controller.load_state_dict(controller.state_dict())
     torch.manual_seed(0)
-    frames = dream_beside_real(vae, mdrnn, actor, played["observations"])
-    doubled = np.kron(frames[::2], np.ones((1, 2, 2, 1), np.uint8))
-    save_gif(args.out, list(doubled), round(2000 * k / ENV_FPS))
+    save_dream_gif(args.out, vae, mdrnn, actor, played["observations"], k)
     print(
-        f"{args.out}: {len(frames)} steps of track {args.episode}, real return {played['rewards'].sum():.1f}"
+        f"{args.out}: {len(played['actions'])} steps of track {args.episode}, "
+        f"real return {played['rewards'].sum():.1f}"
     )
     return 0
 

@@ -197,7 +197,7 @@ def test_the_report_reads_an_imagination_run(two_rounds, tmp_path):
     from PIL import Image
 
     with Image.open(logdir / "report/dream_vs_real.gif") as gif:  # round 2's first evaluation episode
-        assert gif.size == (130, 64) and gif.n_frames == FRAMES
+        assert gif.size == (260, 128) and gif.n_frames == FRAMES // 2
     dream_gif.main(["--logdir", str(logdir), "--out", str(tmp_path / "d.gif"), "--max-steps", str(FRAMES)])
     with Image.open(tmp_path / "d.gif") as gif:  # a held-out track, every other step, twice the size
         assert gif.size == (260, 128) and gif.n_frames == FRAMES // 2
