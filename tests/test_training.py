@@ -16,6 +16,7 @@ import torch
 
 import utils.training as training
 from utils.checkpoint import load_checkpoint
+from utils.logs import CSVLog
 from utils.training import TrainingRun, fit
 
 TEST_LOSSES = {1: 3.0, 2: 2.0, 3: 2.5, 4: 1.0, 5: 1.5}  # improves at epochs 1, 2 and 4
@@ -203,3 +204,16 @@ def test_resume_from_a_last_pt_without_log_rows(events, tmp_path):
     torch.save(last, stage / "last.pt")
     fit(make_run(stage, events), 3)
     assert_consistent(stage, 3)
+
+
+def test_a_log_of_another_kind_of_run_is_started_afresh(tmp_path):
+    """An --imagine run (rows by round) starting where a CMA-ES search logged generations."""
+    path = tmp_path / "log.csv"
+    search = CSVLog(path, ["generation", "fitness"], step_field="generation", keep_before=0)
+    search.append({"generation": 1, "fitness": 2.0})
+    rounds = CSVLog(path, ["round", "eval_return"], step_field="round", keep_before=1)
+    assert rounds.read() == [] and path.read_text().splitlines() == ["round,eval_return"]
+    rounds.append({"round": 1, "eval_return": 3.0})
+    assert CSVLog(path, ["round", "eval_return"], step_field="round", keep_before=2).read() == [
+        {"round": "1", "eval_return": "3"}
+    ]

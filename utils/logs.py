@@ -20,7 +20,9 @@ class CSVLog:
     """Append-only CSV with a fixed header; resuming drops rows from epochs being redone.
 
     A run killed after logging epoch e but before saving its checkpoint redoes epoch e on
-    resume; `keep_before` removes such rows so every epoch appears once.
+    resume; `keep_before` removes such rows so every epoch appears once. A file without the
+    step field is another kind of run's log (CMA-ES generations where imagination rounds
+    start): none of its rows is kept.
     """
 
     def __init__(
@@ -33,6 +35,8 @@ class CSVLog:
         self.path, self.fields, self.step_field = Path(path), list(fields), step_field
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.read() if keep_before is not None and self.path.exists() else []
+        if rows and step_field not in rows[0]:  # another kind of run's log (a search where rounds start)
+            rows = []
         rows = [r for r in rows if keep_before is not None and int(float(r[step_field])) < keep_before]
         with atomic_write(self.path, "w") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
