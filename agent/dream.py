@@ -2,7 +2,8 @@
 scored in it at once.
 
 `dream_returns(...)` steps P controllers x N episodes together as tensors: one batched
-controller matmul and one LSTM step for all of them per time step, no per-env Python loop.
+controller matmul and one M step for all of them per time step, no per-env Python loop (the
+LSTM's step fused into a few matmuls; the transformer's through its own cell).
 It draws every random number from the episode seeds exactly as `SimulatedCarRacing` does, so
 a batch and the single env give the same returns (tested), and all the candidates of a
 generation dream the same worlds (common random numbers).
@@ -27,13 +28,12 @@ from agent.world import (
     load_mdrnn,
     load_mid_episode_starts,
     load_vae,
-    require_lstm,
     world_action_repeat,
 )
 from envs.carracing import MAX_EPISODE_STEPS
-from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, episode_noise
+from envs.simulated_carracing import DEFAULT_MAX_STEPS, SimulatedCarRacing, StartState, episode_noise
 from models.controller import batched_actions
-from models.mdrnn import MDRNNCell
+from models.mdrnn import MDRNNCell, sample_gmm
 from utils import profile
 from utils.cli import ArgumentParser, positive_float, positive_int
 
@@ -92,9 +92,10 @@ class _BatchedDreamStep:
         self.b = lstm.bias_ih_l0 + lstm.bias_hh_l0  # (4H,)
         self.head_w, self.head_b = mdrnn.head.weight.t().contiguous(), mdrnn.head.bias  # (H, 3LK+2)
 
-    def __call__(self, z, a, h, c, uniform, normal, n_pop):
-        """z (B, L), a (B, A), h, c (B, H) with B = P*N candidate-major; uniform, normal (N, L).
-        Returns next z (B, L), h, c, reward (B,), done_logit (B,)."""
+    def __call__(self, z, a, state, uniform, normal, n_pop):
+        """z (B, L), a (B, A), state (h, c) each (B, H) with B = P*N candidate-major; uniform,
+        normal (N, L). Returns next z (B, L), the next state, reward (B,), done_logit (B,)."""
+        h, c = state
         gates = torch.addmm(self.b, z, self.w_z).addmm_(a, self.w_a).addmm_(h, self.w_h)  # (B, 4H)
         i, f, g, o = gates.chunk(4, dim=1)  # torch's LSTM gate order
         c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
@@ -112,23 +113,39 @@ class _BatchedDreamStep:
         )
         sigma = logsigma.gather(-1, k).squeeze(-1).exp_().mul_(math.sqrt(self.temperature))
         z_next = sigma.mul_(normal).add_(mu.gather(-1, k).squeeze(-1))  # (P, N, L)
-        return z_next.view(-1, self.latent), h, c, out[:, -2], out[:, -1]
+        return z_next.view(-1, self.latent), (h, c), out[:, -2], out[:, -1]
+
+
+class _CellDreamStep:
+    """Any other one-step M (the transformer): its own forward, then `sample_gmm` with the episode
+    noise broadcast over the population; the same call and return as `_BatchedDreamStep`."""
+
+    def __init__(self, mdrnn: torch.nn.Module, temperature: float) -> None:
+        self.mdrnn, self.temperature = mdrnn, temperature
+
+    def __call__(self, z, a, state, uniform, normal, n_pop):
+        out = self.mdrnn(z, a, state)
+        shape = (n_pop, -1) + out.mu.shape[1:]  # (P, N, L, K)
+        mixture = (x.view(shape) for x in (out.mu, out.logsigma, out.logpi))
+        z_next = sample_gmm(*mixture, self.temperature, noise=(uniform, normal))  # (P, N, L)
+        return z_next.view(z.shape), out.hidden, out.reward, out.done_logit
 
 
 @torch.inference_mode()
 def dream_returns(
-    mdrnn: MDRNNCell,
+    mdrnn: torch.nn.Module,
     flat_params: torch.Tensor,
     seeds: Sequence[int],
     starts: torch.Tensor,
     temperature: float = 1.0,
     max_steps: int = DEFAULT_MAX_STEPS,
-    start_hidden: torch.Tensor | None = None,
+    start_state: StartState | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(returns, steps), each (P, N): P controllers (flat_params (P, n)) each dreaming the N
-    episodes `seeds` (from `starts`, and M's (h, c) there from `start_hidden` (S, 2, H) if given).
+    episodes `seeds` (from `starts`, and M's state there from `start_state` if given, else M's
+    initial state).
 
-    All P*N episodes advance together: one batched controller matmul and one LSTM step per
+    All P*N episodes advance together: one batched controller matmul and one M step per
     time step. An episode stops accumulating reward once M says it is done; the loop ends
     when every episode is done or after `max_steps`.
     """
@@ -138,15 +155,13 @@ def dream_returns(
     z0, uniform, normal, picked = _batched_noise(seeds, starts, max_steps)
     z0, uniform, normal = z0.to(device), uniform.to(device), normal.to(device)
     params = flat_params.to(device=device, dtype=torch.float32)
-    step = _BatchedDreamStep(mdrnn, temperature)
+    step = (_BatchedDreamStep if isinstance(mdrnn, MDRNNCell) else _CellDreamStep)(mdrnn, temperature)
     z = z0.expand(n_pop, n_eps, latent).reshape(-1, latent)  # (P*N, L): same starts for every candidate
-    if start_hidden is None:
-        h, c = mdrnn.initial_state(n_pop * n_eps, device)
-    else:  # (P*N, H) each, candidate-major like z
-        h, c = (
-            s.to(device).expand(n_pop, n_eps, hidden).reshape(-1, hidden)
-            for s in start_hidden[picked].unbind(1)
-        )
+    if start_state is None:
+        state = mdrnn.initial_state(n_pop * n_eps, device)
+    else:  # every tensor (P*N, ...), candidate-major like z
+        start = start_state(torch.tensor(picked))
+        state = tuple(s.to(device).expand(n_pop, *s.shape).flatten(0, 1) for s in start)
     total = torch.zeros(n_pop * n_eps, device=device)
     alive = torch.ones(n_pop * n_eps, dtype=torch.bool, device=device)
     steps = torch.zeros(n_pop * n_eps, dtype=torch.long, device=device)
@@ -154,13 +169,13 @@ def dream_returns(
         actions = batched_actions(
             params,
             z.view(n_pop, n_eps, latent),
-            h.view(n_pop, n_eps, hidden),
+            state[0].view(n_pop, n_eps, hidden),
             latent,
             hidden,
             mdrnn.action_size,
         )
-        z, h, c, reward, done_logit = step(
-            z, actions.view(-1, mdrnn.action_size), h, c, uniform[t], normal[t], n_pop
+        z, state, reward, done_logit = step(
+            z, actions.view(-1, mdrnn.action_size), state, uniform[t], normal[t], n_pop
         )
         total += torch.where(alive, reward, 0.0)
         steps += alive
@@ -186,11 +201,10 @@ class DreamEvaluator:
         mid_episode: bool = True,
     ) -> None:
         self.mdrnn = load_mdrnn(logdir, device)
-        require_lstm(self.mdrnn, "--dream")
         if mid_episode:  # anywhere in the real rollouts, with M's state there
-            self.starts, self.start_hidden = load_mid_episode_starts(logdir, self.mdrnn)
-        else:  # a rollout's first frame, M's state at zero
-            self.starts, self.start_hidden = load_dream_starts(logdir), None
+            self.starts, self.start_state = load_mid_episode_starts(logdir, self.mdrnn)
+        else:  # a rollout's first frame, M's initial state
+            self.starts, self.start_state = load_dream_starts(logdir), None
         self.temperature, self.max_steps = temperature, max_steps
 
     def evaluate(
@@ -202,7 +216,7 @@ class DreamEvaluator:
         started = time.perf_counter()
         params = torch.from_numpy(np.stack(candidates).astype(np.float32))  # (P, n_params)
         returns, steps = dream_returns(
-            self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps, self.start_hidden
+            self.mdrnn, params, seeds, self.starts, self.temperature, self.max_steps, self.start_state
         )
         if on_episodes is not None:
             on_episodes(returns.numel())  # the whole population at once

@@ -14,16 +14,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from agent.imagine import start_states
+from agent.imagine import StartStates
 from data.latents import load_latent_cache
 from envs.carracing import ACTION_SIZE
+from envs.simulated_carracing import StartState
 from models.controller import Controller
-from models.mdrnn import MDRNN, MDRNNCell
+from models.mdrnn import MDRNNCell
 from models.vae import VAE
-from models.world_model import build_m, m_arch, m_class
+from models.world_model import build_m, m_class
 from utils.checkpoint import BEST, load_model, require_checkpoint, stage_dir
 from utils.cli import stage_command
-from utils.errors import BadCheckpointError, BadInputError
+from utils.errors import BadCheckpointError
 
 
 def load_vae(logdir: str | os.PathLike, device: str | torch.device = "cpu") -> VAE:
@@ -50,15 +51,6 @@ def mdrnn_from_state(state: dict[str, Any], device: str | torch.device = "cpu") 
             f"the controller's own M does not load ({type(error).__name__}: {error})"
         ) from None
     return mdrnn.to(device).eval()
-
-
-def require_lstm(mdrnn: nn.Module, what: str) -> None:
-    """Raise one line if `what` (a mode of stage 4) is asked of an M it cannot run yet."""
-    if not isinstance(mdrnn, (MDRNNCell, MDRNN)):
-        raise BadInputError(
-            f"{what} needs the MDN-RNN's LSTM M for now, and this M is a {m_arch(mdrnn.config)}: play it in "
-            "the real env (CMA-ES without --dream, test_controller.py), or train M with --arch lstm"
-        )
 
 
 def load_world(
@@ -117,18 +109,18 @@ def load_best_controller(
 
 
 def load_mid_episode_starts(
-    logdir: str | Path, mdrnn: MDRNNCell | None = None, every: int = 4
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logdir: str | Path, mdrnn: nn.Module | None = None, every: int = 4
+) -> tuple[torch.Tensor, StartState]:
     """Dream starts anywhere in the real rollouts: (S, 2, L) V posteriors (mu, logsigma) of every
-    `every`-th frame of every cached rollout, and (S, 2, H) M's (h, c) there, M having read
-    the rollout up to that frame as the agent's M does (`agent.imagine.start_states`)."""
+    `every`-th frame of every cached rollout, and M's state there, M having read the rollout up
+    to that frame as the agent's M does (`agent.imagine.StartStates`: stored for the LSTM,
+    recomputed for the picked starts for the transformer)."""
     rollouts = load_latent_cache(logdir)
-    mdrnn = mdrnn if mdrnn is not None else load_mdrnn(logdir)
-    _, h, c = start_states(mdrnn, rollouts)  # every step but each rollout's last
-    mu = np.concatenate([r["mu"][:-1] for r in rollouts])
+    states = StartStates(mdrnn if mdrnn is not None else load_mdrnn(logdir), rollouts)
+    mu = np.concatenate([r["mu"][:-1] for r in rollouts])  # every step but each rollout's last
     logsigma = np.concatenate([r["logsigma"][:-1] for r in rollouts])
     posterior = torch.from_numpy(np.stack([mu, logsigma], axis=1))  # (N, 2, L)
-    return posterior[::every].contiguous(), torch.stack([h, c], dim=1)[::every].contiguous()
+    return posterior[::every].contiguous(), lambda picked: states.pick(picked * every)[1]
 
 
 def load_dream_starts(logdir: str | Path) -> torch.Tensor:

@@ -11,7 +11,7 @@ drive it by keyboard) and steps whole populations at once (`dream_returns`).
 
 Both draw every random number of an episode from its seed alone (`episode_noise`): the start
 (a real frame from the latent cache, z_0 ~ V's posterior: a rollout's first frame with M's
-state at zero, or any frame with M's state there, `start_hidden`) and, for each step,
+state at zero, or any frame with M's state there, `start_state`) and, for each step,
 one uniform (picks the mixture component) and one normal per latent dimension. So a batch
 and the single env give the same returns for the same seeds and controllers, and all the
 candidates of a generation dream the same worlds (common random numbers).
@@ -19,16 +19,24 @@ candidates of a generation dream the same worlds (common random numbers).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from models.mdrnn import MDRNNCell, sample_gmm
+from models.mdrnn import sample_gmm
 
 DONE_THRESHOLD = 0.5  # an episode ends when M's done probability exceeds this
 DEFAULT_MAX_STEPS = 1000
+# M's state at the picked starts: start indices (B,) -> the state tuple of B rows, h first (either M's)
+StartState = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def stored_states(hidden: torch.Tensor) -> StartState:
+    """The StartState of LSTM states stored for every start: `hidden` (S, 2, H), (h, c) each."""
+    return lambda picked: tuple(hidden[picked].unbind(1))
 
 
 def episode_noise(
@@ -57,23 +65,24 @@ class SimulatedCarRacing(gym.Env):
 
     def __init__(
         self,
-        mdrnn: MDRNNCell,
+        mdrnn: torch.nn.Module,
         starts: torch.Tensor,
         vae: torch.nn.Module | None = None,
         temperature: float = 1.0,
         render_mode: str | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
-        start_hidden: torch.Tensor | None = None,
+        start_state: StartState | None = None,
     ) -> None:
-        """M (one-step), the start posteriors (S, 2, L), and V for rendering (needed with a render_mode).
+        """M (one-step, either architecture), the start posteriors (S, 2, L), and V for rendering
+        (needed with a render_mode).
 
-        `start_hidden` (S, 2, H), M's (h, c) at each start (a start mid-episode); None: zeros (a
-        rollout's first frame)."""
+        `start_state` gives M's state at a start (a start mid-episode); None: M's initial state
+        (a rollout's first frame)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if render_mode is not None and vae is None:
             raise ValueError("rendering the dream needs V (vae=...)")
-        self.mdrnn, self.starts, self.vae, self.start_hidden = mdrnn, starts, vae, start_hidden
+        self.mdrnn, self.starts, self.vae, self.start_state = mdrnn, starts, vae, start_state
         self.temperature, self.max_steps, self.render_mode = temperature, max_steps, render_mode
         latent, hidden = self.mdrnn.latent_size, self.mdrnn.hidden_size
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (latent + hidden,), np.float32)
@@ -83,7 +92,7 @@ class SimulatedCarRacing(gym.Env):
 
     def _observation(self) -> np.ndarray:
         s = self._state
-        return torch.cat([s["z"][0], s["h"][0]]).numpy().astype(np.float32)
+        return torch.cat([s["z"][0], s["hidden"][0][0]]).numpy().astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -92,15 +101,14 @@ class SimulatedCarRacing(gym.Env):
         latent = self.mdrnn.latent_size
         start, eps0, uniform, normal = episode_noise(seed, len(self.starts), self.max_steps, latent)
         mu, logsigma = self.starts[start]
-        h, c = (
+        hidden = (
             self.mdrnn.initial_state(1, "cpu")
-            if self.start_hidden is None
-            else self.start_hidden[start : start + 1].unbind(1)
+            if self.start_state is None
+            else self.start_state(torch.tensor([start]))
         )
         self._state = {
             "z": (mu + logsigma.exp() * eps0).unsqueeze(0),
-            "h": h,
-            "c": c,
+            "hidden": hidden,  # M's state, h first
             "t": 0,
             "uniform": uniform,
             "normal": normal,
@@ -115,7 +123,7 @@ class SimulatedCarRacing(gym.Env):
         action = torch.as_tensor(
             np.clip(action, self.action_space.low, self.action_space.high), dtype=torch.float32
         ).view(1, -1)
-        out = self.mdrnn(s["z"], action, (s["h"], s["c"]))
+        out = self.mdrnn(s["z"], action, s["hidden"])
         reward = float(out.reward[0])
         terminated = bool(torch.sigmoid(out.done_logit[0]) > DONE_THRESHOLD)
         t = s["t"]
@@ -126,7 +134,7 @@ class SimulatedCarRacing(gym.Env):
             self.temperature,
             noise=(s["uniform"][t : t + 1], s["normal"][t : t + 1]),
         )
-        s["h"], s["c"] = out.hidden
+        s["hidden"] = out.hidden
         s["t"] = t + 1
         truncated = s["t"] >= self.max_steps and not terminated
         if self.render_mode == "human":

@@ -11,16 +11,20 @@ from agent.dream import dream_returns
 from envs.simulated_carracing import SimulatedCarRacing, episode_noise
 from models.controller import Controller
 from models.mdrnn import MDRNNCell, sample_gmm
+from models.transformer import TransformerMCell
 from models.vae import VAE
 from utils.params import get_flat_params
 
 LATENT, HIDDEN = 8, 16
 
 
-@pytest.fixture(scope="module")
-def world():
+@pytest.fixture(scope="module", params=["lstm", "transformer"])
+def world(request):
     torch.manual_seed(0)
-    cell = MDRNNCell(LATENT, 3, HIDDEN, 3).eval()
+    if request.param == "lstm":
+        cell = MDRNNCell(LATENT, 3, HIDDEN, 3).eval()
+    else:  # a window of 4 and 2 blocks: the 40-step episodes run far past the cache's edge
+        cell = TransformerMCell(LATENT, 3, HIDDEN, 3, layers=2, heads=2, context=4).eval()
     with torch.no_grad():  # make episodes end at different times: a done logit swinging with h
         cell.head.bias[-1] = -2.0
         cell.head.weight[-1] = torch.randn(HIDDEN) * 2.0
@@ -38,6 +42,15 @@ def play(env: SimulatedCarRacing, controller: Controller, seed: int) -> tuple[fl
         obs, reward, terminated, truncated, _ = env.step(action)
         total, steps, done = total + reward, steps + 1, terminated or truncated
     return total, steps
+
+
+@torch.no_grad()
+def stepped_start_states(cell: torch.nn.Module, n_starts: int, steps: int = 6):
+    """A StartState: M's state (either M's) after `steps` random steps, one per start."""
+    state = cell.initial_state(n_starts)
+    for _ in range(steps):
+        state = cell(torch.randn(n_starts, LATENT), torch.rand(n_starts, 3), state).hidden
+    return lambda picked: tuple(s[picked] for s in state)
 
 
 def test_env_passes_gymnasium_checker(world):
@@ -90,10 +103,12 @@ def test_batched_returns_equal_one_by_one_episodes(world, mid_episode):
         torch.nn.init.normal_(c.fc.weight, std=0.5)
     flat = torch.from_numpy(np.stack([get_flat_params(c) for c in controllers]))
     seeds = [10, 11, 12, 13]
-    hidden = torch.randn(len(starts), 2, HIDDEN) * 0.5 if mid_episode else None
-    batched, batched_steps = dream_returns(cell, flat, seeds, starts, 1.15, 40, start_hidden=hidden)
+    start_state = stepped_start_states(cell, len(starts)) if mid_episode else None
+    batched, batched_steps = dream_returns(cell, flat, seeds, starts, 1.15, 40, start_state=start_state)
     assert batched.shape == batched_steps.shape == (3, 4)
-    env = SimulatedCarRacing(mdrnn=cell, starts=starts, temperature=1.15, max_steps=40, start_hidden=hidden)
+    env = SimulatedCarRacing(
+        mdrnn=cell, starts=starts, temperature=1.15, max_steps=40, start_state=start_state
+    )
     lengths = set()
     for p, controller in enumerate(controllers):
         for j, seed in enumerate(seeds):

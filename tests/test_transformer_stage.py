@@ -4,8 +4,8 @@ on the tiny dataset, then every stage builds the M its checkpoint names (#23).
 Covers: the checkpoint's config says `arch: transformer` and later stages load a
 TransformerMCell from it; a resume with the other --arch is refused with one line;
 test_controller.py and CMA-ES in the real env play C with it (the returns are the transformer
-agent's, played here by hand); --dream and --imagine, which need the LSTM for now, say so in
-one line.
+agent's, played here by hand); CMA-ES in its dream (--dream) and the actor-critic in its
+imagination (--imagine) run on it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 
 from agent.policy import Agent, run_episode
 from agent.seeds import holdout_seeds
-from agent.world import load_mdrnn, load_vae
+from agent.world import load_mdrnn, load_mid_episode_starts, load_vae
+from data.latents import load_latent_cache
 from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
@@ -116,7 +117,7 @@ def test_test_controller_plays_c_with_the_transformer_m(logdir):
     assert gaps[0] == 0 and max(gaps) > 1e-6  # h = 0 at first for both; then the memory shows in the actions
 
 
-def test_cma_es_and_imagination_run_on_it_and_the_dream_says_it_cannot_yet(logdir, tmp_path):
+def test_cma_es_real_and_dreamed_and_imagination_run_on_it(logdir, tmp_path):
     shutil.copytree(logdir, tmp_path / "copy")
     logdir = tmp_path / "copy"
     flags = ["--logdir", str(logdir), "--pop-size", "2", "--n-samples", "1", "--generations", "1"]
@@ -134,7 +135,9 @@ def test_cma_es_and_imagination_run_on_it_and_the_dream_says_it_cannot_yet(logdi
     search = script("traincontroller.py", *flags)
     assert search.returncode == 0, search.stderr[-2000:]
     assert load_checkpoint(logdir / "ctrl/last.pt")["generation"] == 1
-    one_line_error(script("traincontroller.py", *flags, "--dream"), "--dream needs the MDN-RNN's LSTM M")
+    dream = script("traincontroller.py", *flags, "--dream")  # CMA-ES in the transformer's dream
+    assert dream.returncode == 0, dream.stderr[-2000:]
+    assert "dream" in dream.stdout and load_checkpoint(logdir / "ctrl/last.pt")["generation"] == 1
     imagine = ["--logdir", str(logdir), "--imagine", "--rounds", "2", "--updates", "2", "--horizon", "3"]
     imagine += ["--collect-episodes", "1", "--eval-episodes", "1", "--max-steps", "24", "--workers", "1"]
     ok = script("traincontroller.py", *imagine, "--rescore-episodes", "1", "--noreload")
@@ -144,3 +147,24 @@ def test_cma_es_and_imagination_run_on_it_and_the_dream_says_it_cannot_yet(logdi
     original = load_checkpoint(logdir / "mdrnn/best.pt")["state_dict"]
     last = load_checkpoint(logdir / "ctrl/last.pt")
     assert not torch.equal(last["mdrnn"]["state_dict"]["head.weight"], original["head.weight"])  # fine-tuned
+
+
+@torch.no_grad()
+def test_mid_episode_dream_starts_hold_the_state_the_transformer_reaches_there(logdir):
+    """The dream's starts (every 4th step of every cached rollout): V's posterior there, and the
+    state M reaches by reading the rollout up to there, step by step, as the agent's M does."""
+    cell = load_mdrnn(logdir)
+    posteriors, start_state = load_mid_episode_starts(logdir, cell, every=4)
+    rollouts = load_latent_cache(logdir)
+    steps = [(i, t) for i, r in enumerate(rollouts) for t in range(len(r["actions"]) - 1)][::4]
+    assert len(posteriors) == len(steps)
+    for j in (1, len(steps) // 2, len(steps) - 1):
+        i, t = steps[j]
+        mu, actions = (torch.from_numpy(rollouts[i][key]) for key in ("mu", "actions"))
+        assert torch.equal(posteriors[j, 0], mu[t])
+        assert torch.equal(posteriors[j, 1], torch.from_numpy(rollouts[i]["logsigma"][t]))
+        state = cell.initial_state(1)
+        for s in range(t):
+            state = cell(mu[s : s + 1], actions[s : s + 1], state).hidden
+        picked = start_state(torch.tensor([j]))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(picked, state, strict=True)), (i, t)
