@@ -10,6 +10,10 @@ then runs open-loop: it is fed its own sample of z (at `--temperature`) and the 
 At each horizon h it is scored on the real step h ahead: the NLL per latent dimension of V's mu
 under its mixture, the squared error of its reward, and whether its done flag (logit > 0) is
 right. Horizon 1 is the one-step (teacher-forced) prediction M trains on.
+
+With `--dream-episodes N`, a logdir's C (`ctrl/best.pt`) also plays N episodes in its M's dream,
+from the rollouts' first frames, as long as a real episode, at `--dream-temperature`: what M
+promises C, to set beside its real test score (the dream-to-real gap).
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agent.dream import DreamEvaluator
 from agent.imagine import StartStates
-from agent.world import load_mdrnn
+from agent.world import load_best_controller, load_mdrnn, load_world, world_action_repeat
 from data.latents import load_latent_cache
+from envs.carracing import MAX_EPISODE_STEPS
 from models.mdrnn import gmm_loss, sample_gmm
 from models.world_model import m_arch
+from utils import profile
 from utils.cli import ArgumentParser, int_in, positive_float, run_script, writable_file
 from utils.errors import BadInputError
 from utils.files import atomic_write
-from utils.params import count_params
+from utils.params import count_params, get_flat_params
 
 HORIZONS = (1, 5, 15, 50)
 FIELDS = ("logdir", "arch", "params", "horizon", "starts", "nll", "reward_mse", "done_accuracy")
@@ -92,6 +99,32 @@ def open_loop_scores(
     return scores
 
 
+@torch.no_grad()
+def done_flags(cell: torch.nn.Module, rollouts: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(recall, false alarm rate) of M's done flag (logit > 0), one step ahead over whole rollouts
+    read from their start: the share of terminal steps it flags, and of the other steps."""
+    mu, actions, terminals = (padded(rollouts, key) for key in ("mu", "actions", "terminals"))
+    lengths = torch.tensor([len(r["actions"]) for r in rollouts])
+    state, flags = cell.initial_state(len(rollouts)), []
+    for t in range(mu.shape[1]):
+        out = cell(mu[:, t], actions[:, t], state)
+        flags.append(out.done_logit > 0)
+        state = out.hidden
+    flagged = torch.stack(flags, 1)  # (R, T)
+    real = torch.arange(mu.shape[1]) < lengths.unsqueeze(1)
+    done = (terminals > 0) & real
+    return float(flagged[done].float().mean()), float(flagged[~done & real].float().mean())
+
+
+def dream_returns_of_c(logdir: str, episodes: int, temperature: float) -> np.ndarray:
+    """(episodes,) returns of the logdir's C in its M's dream, from rollouts' first frames, full length."""
+    _, _, config = load_world(logdir)
+    controller, _ = load_best_controller(logdir, config)
+    steps = -(-MAX_EPISODE_STEPS // world_action_repeat(logdir))
+    dream = DreamEvaluator(logdir, temperature, steps, mid_episode=False)
+    return dream.evaluate([get_flat_params(controller)], list(range(episodes))).returns[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -104,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int_in(0), default=32, help="real steps M reads before a start")
     parser.add_argument("--stride", type=int_in(1), default=8, help="steps between starts in a rollout")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="M's sampling temperature")
+    parser.add_argument("--seed", type=int_in(0), default=0, help="seed of M's open-loop samples")
+    parser.add_argument(
+        "--dream-episodes", type=int_in(0), default=0, help="C's episodes in M's dream (0: none)"
+    )
+    parser.add_argument(
+        "--dream-temperature",
+        type=positive_float,
+        default=profile.TEMPERATURE,
+        help="the dream's temperature",
+    )
     args = parser.parse_args(argv)
     table, reference = [], None
     for logdir in args.logdir:
@@ -112,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         if reference is not None and files != reference:
             raise BadInputError(
                 f"{logdir} has other test rollouts than {args.logdir[0]}: compare Ms on the same data and V"
+            )
+        if reference is None:  # what a constant reward prediction scores
+            rewards = np.concatenate([r["rewards"] for r in rollouts])
+            print(
+                f"{len(rollouts)} test rollouts; reward variance {rewards.var():.4f} (a constant's squared error)"
             )
         reference = files
         cell = load_mdrnn(logdir).requires_grad_(False)
@@ -123,12 +171,23 @@ def main(argv: list[str] | None = None) -> int:
             args.warmup,
             stride=args.stride,
             temperature=args.temperature,
+            seed=args.seed,
         ):
             table.append(head | row)
             print(
                 f"{logdir} ({head['arch']}, {head['params']:,} params) h={row['horizon']:>2}: "
                 f"nll {row['nll']:.3f}, reward mse {row['reward_mse']:.4f}, done acc {row['done_accuracy']:.4f} "
                 f"({row['starts']} starts)"
+            )
+        recall, false_alarms = done_flags(cell, rollouts)
+        print(
+            f"{logdir}: done flagged at {recall:.0%} of the terminal steps and {false_alarms:.2%} of the others"
+        )
+        if args.dream_episodes:
+            returns = dream_returns_of_c(logdir, args.dream_episodes, args.dream_temperature)
+            print(
+                f"{logdir}: C in M's dream (tau {args.dream_temperature}): {returns.mean():.1f} +- {returns.std():.1f} "
+                f"over {len(returns)} episodes from first frames"
             )
     if args.out:
         with atomic_write(Path(args.out), "w") as handle:

@@ -7,13 +7,15 @@ not the teacher-forced one of the same steps.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from models.mdrnn import MDRNN, MDRNNCell, gmm_loss
 from models.transformer import TransformerM, TransformerMCell
-from reporting.compare_m import open_loop_scores
+from reporting.compare_m import done_flags, open_loop_scores
 
 LATENT, WIDTH = 4, 16
 MODELS = {
@@ -90,3 +92,24 @@ def test_later_horizons_run_open_loop_on_m_s_own_samples(arch):
 def test_too_short_rollouts_are_refused_in_one_line():
     with pytest.raises(Exception, match="no test rollout is longer than warmup 32 \\+ horizon 50"):
         open_loop_scores(MODELS["lstm"]()[0], rollouts(), warmup=32)
+
+
+class FlagsFullGas(torch.nn.Module):
+    """A stand-in M whose done flag fires exactly when the gas (action 1) is full."""
+
+    def initial_state(self, batch: int) -> tuple[torch.Tensor]:
+        return (torch.zeros(batch, 1),)
+
+    def forward(self, latent, action, state):
+        return SimpleNamespace(done_logit=torch.where(action[:, 1] == 1.0, 50.0, -50.0), hidden=state)
+
+
+def test_done_flags_score_terminal_steps_apart_from_the_others():
+    data = rollouts()  # 44 steps, one terminal per rollout, at its end
+    for r in data:
+        r["actions"][:, 1] = np.where(r["terminals"] > 0, 1.0, 0.5)
+    assert done_flags(FlagsFullGas(), data) == (1.0, 0.0)
+    data[0]["actions"][3, 1] = 1.0  # one false alarm among the 41 other steps
+    data[1]["actions"][-1, 1] = 0.5  # one terminal step missed of 3
+    recall, false_alarms = done_flags(FlagsFullGas(), data)
+    assert recall == pytest.approx(2 / 3) and false_alarms == pytest.approx(1 / 41)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,29 @@ def test_mid_episode_dream_starts_hold_the_state_the_transformer_reaches_there(l
             state = cell(mu[s : s + 1], actions[s : s + 1], state).hidden
         picked = start_state(torch.tensor([j]))
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(picked, state, strict=True)), (i, t)
+
+
+def test_compare_m_scores_it_and_refuses_ms_of_other_data(logdir, tmp_path):
+    out = tmp_path / "m.csv"
+    flags = ["--horizons", "1", "3", "--warmup", "2", "--stride", "4", "--dream-episodes", "2"]
+    compare = ["-m", "reporting.compare_m", "--logdir", str(logdir), "--logdir", str(logdir), *flags]
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    result = run(*compare, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["arch"], r["horizon"]) for r in rows] == [("transformer", "1"), ("transformer", "3")] * 2
+    assert rows[0]["nll"] == rows[2]["nll"] and float(rows[0]["nll"]) != float(rows[1]["nll"])
+    assert result.stdout.count("C in M's dream") == 2
+    other = tmp_path / "other"
+    shutil.copytree(logdir, other)
+    cache = other / "mdrnn" / "latents.npz"
+    with np.load(cache) as archive:
+        arrays = dict(archive)
+    arrays["files"] = np.array([f"moved/{name}" for name in arrays["files"]])  # another dataset's rollouts
+    arrays["all_files"] = np.array([f"moved/{name}" for name in arrays["all_files"]])
+    np.savez(cache, **arrays)
+    one_line_error(
+        run("-m", "reporting.compare_m", "--logdir", str(logdir), "--logdir", str(other), *flags),
+        "has other test rollouts than",
+    )
