@@ -60,18 +60,19 @@ class Block(nn.Module):
         return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
 
     def forward(
-        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+        self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
-        """x (B, T, H) attends to keys/values (B, S, H) with an additive bias (B or 1, heads, T, S)."""
-        q = self.split(self.qkv(self.norm1(x))[..., : x.shape[-1]])
-        attended = F.scaled_dot_product_attention(q, self.split(keys), self.split(values), attn_mask=bias)
+        """x (B, T, H), its queries q (B, T, H), attends to keys/values (B, S, H) with an additive
+        bias (B or 1, heads, T, S)."""
+        attended = F.scaled_dot_product_attention(
+            self.split(q), self.split(keys), self.split(values), attn_mask=bias
+        )
         x = x + self.proj(attended.transpose(-3, -2).flatten(-2))
         return x + self.mlp(self.norm2(x))
 
-    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values (..., H) of tokens x (..., H)."""
-        _, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        return k, v
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The queries, keys and values (..., H) of tokens x (..., H), from one matmul."""
+        return self.qkv(self.norm1(x)).chunk(3, dim=-1)
 
 
 class _TransformerBase(nn.Module):
@@ -149,9 +150,9 @@ class _TransformerBase(nn.Module):
         kept = min(steps, self.context)
         cached = []
         for block in self.blocks:
-            k, v = block.keys_values(x)
+            q, k, v = block.queries_keys_values(x)
             cached.append(torch.stack([k, v], 1)[:, :, -kept:])  # (B, 2, kept, H)
-            x = block(x, k, v, bias)
+            x = block(x, q, k, v, bias)
         h_seq = self.norm(x)
         state = self.initial_state(batch, latents.device)
         real = torch.ones(batch, kept, device=latents.device) if valid is None else valid[:, -kept:].float()
@@ -205,10 +206,10 @@ class TransformerMCell(_TransformerBase):
         x = self.embed(torch.cat([latent, action], dim=-1)).unsqueeze(1)  # (B, 1, H)
         new_kv = []
         for i, block in enumerate(self.blocks):
-            k, v = block.keys_values(x)  # (B, 1, H)
+            q, k, v = block.queries_keys_values(x)  # (B, 1, H) each
             kv = torch.cat([state.kv[:, i, :, 1:], torch.stack([k, v], 1)], 2)  # (B, 2, context, H)
             new_kv.append(kv)
-            x = block(x, kv[:, 0], kv[:, 1], bias)
+            x = block(x, q, kv[:, 0], kv[:, 1], bias)
         h = self.norm(x).squeeze(1)  # (B, H)
         out = self._heads(h, TransformerState(h, torch.stack(new_kv, 1), filled))
         return out
