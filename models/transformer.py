@@ -205,11 +205,16 @@ class TransformerMCell(_TransformerBase):
         bias = bias.unsqueeze(0).masked_fill(filled.view(-1, 1, 1, self.context) == 0, float("-inf"))
         x = self.embed(torch.cat([latent, action], dim=-1)).unsqueeze(1)  # (B, 1, H)
         new_kv = []
-        for i, block in enumerate(self.blocks):
+        # unbind and split, not indexing and slicing: their backward stacks and concatenates the
+        # gradients instead of filling a zero tensor of the whole cache for every piece taken
+        for block, cached in zip(self.blocks, state.kv.unbind(1), strict=True):
             q, k, v = block.queries_keys_values(x)  # (B, 1, H) each
-            kv = torch.cat([state.kv[:, i, :, 1:], torch.stack([k, v], 1)], 2)  # (B, 2, context, H)
+            kept = cached.split([1, self.context - 1], dim=2)[
+                1
+            ]  # (B, 2, context - 1, H): the oldest drops out
+            kv = torch.cat([kept, torch.stack([k, v], 1)], 2)  # (B, 2, context, H)
             new_kv.append(kv)
-            x = block(x, q, kv[:, 0], kv[:, 1], bias)
+            x = block(x, q, *kv.unbind(1), bias)
         h = self.norm(x).squeeze(1)  # (B, H)
         out = self._heads(h, TransformerState(h, torch.stack(new_kv, 1), filled))
         return out
