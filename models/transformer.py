@@ -129,12 +129,24 @@ class _TransformerBase(nn.Module):
         )
         return TransformerState(h, kv, torch.zeros(batch_size, self.context, device=device, dtype=p.dtype))
 
+    def _outputs_needed(self, block: int) -> int:
+        """How many latest tokens' outputs of `block` the state after the last token needs: the last
+        block's for h alone; an earlier one's for the keys and values of the next block's window,
+        as far back as that block's own needed tokens look."""
+        later = self.layers - 1 - block  # blocks after this one
+        return 1 if later == 0 else (later - 1) * (self.context - 1) + self.context
+
     def _sequence(
-        self, latents: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor | None = None
+        self,
+        latents: torch.Tensor,
+        actions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        state_only: bool = False,
     ) -> tuple[torch.Tensor, TransformerState]:
         """The banded causal pass over (B, T) tokens: (h at every step (B, T, H), the state after the
         last). `valid` (B, T), if given, marks the real tokens: each row's first ones may be padding,
-        which no real token attends to and the state does not hold."""
+        which no real token attends to and the state does not hold. `state_only`: each block runs
+        only the tokens the state needs (`_outputs_needed`), and h comes for the last step alone."""
         batch, steps = latents.shape[:2]
         distance = torch.arange(steps).unsqueeze(1) - torch.arange(steps).unsqueeze(0)  # (T, T): i - j
         allowed = ((distance >= 0) & (distance < self.context)).to(latents.device)
@@ -149,10 +161,11 @@ class _TransformerBase(nn.Module):
         x = self.embed(torch.cat([latents, actions], dim=-1))  # (B, T, H)
         kept = min(steps, self.context)
         cached = []
-        for block in self.blocks:
-            q, k, v = block.queries_keys_values(x)
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.queries_keys_values(x)  # of this block's tokens, the latest x.shape[1]
             cached.append(torch.stack([k, v], 1)[:, :, -kept:])  # (B, 2, kept, H)
-            x = block(x, q, k, v, bias)
+            out = min(x.shape[1], self._outputs_needed(i)) if state_only else x.shape[1]
+            x = block(x[:, -out:], q[:, -out:], k, v, bias[..., -out:, -x.shape[1] :])
         h_seq = self.norm(x)
         state = self.initial_state(batch, latents.device)
         real = torch.ones(batch, kept, device=latents.device) if valid is None else valid[:, -kept:].float()
@@ -192,7 +205,7 @@ class TransformerMCell(_TransformerBase):
     ) -> TransformerState:
         """The state after reading the (B, T) tokens whose `valid` (B, T) marks the real ones (the
         first ones of a row may be padding), in one banded pass: what stepping them would give."""
-        return self._sequence(latents, actions, valid)[1]
+        return self._sequence(latents, actions, valid, state_only=True)[1]
 
     def forward(
         self, latent: torch.Tensor, action: torch.Tensor, hidden: TransformerState | None = None

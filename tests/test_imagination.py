@@ -188,11 +188,13 @@ def test_the_dream_gif_puts_the_real_frames_beside_v_decoding_m_imagination():
     assert not np.array_equal(picture[0, :, 66:], picture[5, :, 66:])  # M's frames move
 
 
-def test_a_transformer_ms_start_states_are_the_agents_m_state_far_into_a_rollout():
-    """Recomputed from the memory_steps steps before each start, the transformer's state is the
-    one its cell reaches stepping the whole rollout from its first frame, past the window's edge."""
+@pytest.mark.parametrize("layers", [2, 3])
+def test_a_transformer_ms_start_states_are_the_agents_m_state_far_into_a_rollout(layers):
+    """Recomputed from the memory_steps steps before each start (each block running only the
+    tokens the state needs), the transformer's state is the one its cell reaches stepping the
+    whole rollout from its first frame, past the window's edge."""
     torch.manual_seed(2)
-    cell = TransformerMCell(LATENT, 3, HIDDEN, 2, layers=2, heads=2, context=3).eval()
+    cell = TransformerMCell(LATENT, 3, HIDDEN, 2, layers=layers, heads=2, context=3).eval()
     rng = np.random.default_rng(1)
     rollouts = [
         {
@@ -202,7 +204,7 @@ def test_a_transformer_ms_start_states_are_the_agents_m_state_far_into_a_rollout
         for n in (12, 4)
     ]
     starts = StartStates(cell, rollouts)
-    assert len(starts) == 11 + 3 and cell.memory_steps == 5
+    assert len(starts) == 11 + 3 and cell.memory_steps == 2 * layers + 1
     z, state = starts.pick(torch.arange(len(starts)))
     running, by_hand = cell.initial_state(1), []
     for t in range(11):  # the first rollout, stepped from its start
