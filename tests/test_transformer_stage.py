@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from script_edge import exit_status
 
 from agent.policy import Agent, run_episode
 from agent.seeds import holdout_seeds
@@ -29,6 +30,7 @@ from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.transformer import TransformerMCell
 from models.vae import VAE
+from reporting import compare_m
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,18 +173,20 @@ def test_mid_episode_dream_starts_hold_the_state_the_transformer_reaches_there(l
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(picked, state, strict=True)), (i, t)
 
 
-def test_compare_m_scores_it_and_refuses_ms_of_other_data(logdir, tmp_path):
+def test_compare_m_scores_it_and_refuses_ms_of_other_data(logdir, tmp_path, capsys):
     out = tmp_path / "m.csv"
     flags = ["--horizons", "1", "3", "--warmup", "2", "--stride", "4", "--dream-episodes", "2"]
-    compare = ["-m", "reporting.compare_m", "--logdir", str(logdir), "--logdir", str(logdir), *flags]
-    run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
-    result = run(*compare, "--out", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        exit_status(
+            compare_m.main, ["--logdir", str(logdir), "--logdir", str(logdir), *flags, "--out", str(out)]
+        )
+        == 0
+    )
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["arch"], r["horizon"]) for r in rows] == [("transformer", "1"), ("transformer", "3")] * 2
     assert rows[0]["nll"] == rows[2]["nll"] and float(rows[0]["nll"]) != float(rows[1]["nll"])
-    assert result.stdout.count("C in M's dream") == 2
+    assert capsys.readouterr().out.count("C in M's dream") == 2
     other = tmp_path / "other"
     shutil.copytree(logdir, other)
     cache = other / "mdrnn" / "latents.npz"
@@ -191,7 +195,6 @@ def test_compare_m_scores_it_and_refuses_ms_of_other_data(logdir, tmp_path):
     arrays["files"] = np.array([f"moved/{name}" for name in arrays["files"]])  # another dataset's rollouts
     arrays["all_files"] = np.array([f"moved/{name}" for name in arrays["all_files"]])
     np.savez(cache, **arrays)
-    one_line_error(
-        run("-m", "reporting.compare_m", "--logdir", str(logdir), "--logdir", str(other), *flags),
-        "has other test rollouts than",
-    )
+    assert exit_status(compare_m.main, ["--logdir", str(logdir), "--logdir", str(other), *flags]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has other test rollouts than" in err[0], err
