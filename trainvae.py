@@ -38,7 +38,7 @@ from utils.cli import (
     stage_command,
 )
 from utils.errors import BadInputError, BadRolloutError
-from utils.logs import plt
+from utils.logs import save_image
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 IMG_CHANNELS = 3  # rollouts hold RGB frames
@@ -158,9 +158,9 @@ def save_epoch_images(model: VAE, frames: np.ndarray, noise: torch.Tensor, folde
         pairs = torch.stack(
             [x.unflatten(0, (-1, GRID_COLUMNS)), recon.unflatten(0, (-1, GRID_COLUMNS))], 1
         )  # (rows, 2, 8, 3, 64, 64)
-        plt.imsave(folder / f"recon_{epoch:03d}.png", image_grid(pairs.flatten(0, 2)))
+        save_image(folder / f"recon_{epoch:03d}.png", image_grid(pairs.flatten(0, 2)))
     samples = model.decode(noise.to(device))  # (64, 3, 64, 64)
-    plt.imsave(folder / f"samples_{epoch:03d}.png", image_grid(samples))
+    save_image(folder / f"samples_{epoch:03d}.png", image_grid(samples))
 
 
 def main(argv: list[str] | None = None) -> int:

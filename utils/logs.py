@@ -93,6 +93,12 @@ def plot_columns(
     plt.close(fig)
 
 
+def save_image(path: str | os.PathLike, image: Any) -> None:
+    """A uint8 (H, W, 3) array as a PNG, written atomically."""
+    with atomic_write(path) as handle:
+        plt.imsave(handle, image, format="png")
+
+
 def save_gif(path: str | os.PathLike, frames: Sequence[Any], frame_ms: int) -> None:
     """Frames (PIL images or uint8 (H, W, 3) arrays) as a looping GIF, written atomically."""
     from PIL import Image  # only the GIF writers need PIL
