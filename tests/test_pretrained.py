@@ -1,4 +1,4 @@
-"""The shipped agent (pretrained/carracing-k4) loads with the project's own code and drives.
+"""The shipped agents load with the project's own code; the default one (pretrained/carracing-k4) drives.
 
 One full episode (up to the env's 1000 frames, at the k it was trained at) on the first track
 of its recorded test, pretrained/carracing-k4/test_returns.csv, where it recorded 908.5. Not
@@ -21,6 +21,7 @@ from agent.policy import Agent, run_episode
 from agent.seeds import holdout_seeds
 from agent.world import load_best_controller, load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS, make_env
+from models.transformer import TransformerMCell
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "carracing-k4"
 
@@ -49,3 +50,16 @@ def test_pretrained_agent_drives_its_first_test_track():
         torch.set_num_threads(threads)
     assert total >= 700, f"the shipped agent scored {total:.1f} in {frames} frames (recorded {recorded})"
     assert 0 < frames <= MAX_EPISODE_STEPS
+
+
+def test_the_shipped_transformer_agent_shares_v_and_names_its_m():
+    """pretrained/carracing-k4-transformer: the default agent's V (linked), a transformer M that
+    every stage builds from its checkpoint, and a C of its sizes, at the same k."""
+    shipped = PRETRAINED.parent / "carracing-k4-transformer"
+    assert (shipped / "vae/best.pt").resolve() == (PRETRAINED / "vae/best.pt").resolve()
+    vae, mdrnn, config = load_world(shipped)
+    assert isinstance(mdrnn, TransformerMCell) and config["hidden_size"] == 256
+    controller, state = load_best_controller(shipped, config)
+    assert int(state["action_repeat"]) == world_action_repeat(shipped) == 4
+    with open(shipped / "test_returns.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 100
