@@ -57,12 +57,18 @@ def teacher_forced(sequence: torch.nn.Module, data: list[dict], steps: list[tupl
     )
 
 
-@pytest.mark.parametrize("arch", MODELS)
-def test_horizon_one_is_the_teacher_forced_prediction_of_every_start(arch):
+def both_forms(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The one-step M and its sequence form with the same weights."""
     torch.manual_seed(0)
     cell, sequence_class = MODELS[arch]()
     sequence = sequence_class(**cell.config).eval()
     sequence.load_state_dict(cell.state_dict())
+    return cell.eval(), sequence
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_horizon_one_is_the_teacher_forced_prediction_of_every_start(arch):
+    cell, sequence = both_forms(arch)
     data = rollouts()
     (row,) = open_loop_scores(cell.eval(), data, horizons=(1,), warmup=2, stride=3)
     steps = [(i, t) for i, r in enumerate(data) for t in range(2, len(r["actions"]) - 1, 3)]
@@ -75,10 +81,7 @@ def test_horizon_one_is_the_teacher_forced_prediction_of_every_start(arch):
 
 @pytest.mark.parametrize("arch", MODELS)
 def test_later_horizons_run_open_loop_on_m_s_own_samples(arch):
-    torch.manual_seed(0)
-    cell, sequence_class = MODELS[arch]()
-    sequence = sequence_class(**cell.config).eval()
-    sequence.load_state_dict(cell.state_dict())
+    cell, sequence = both_forms(arch)
     data = rollouts()
     rows = open_loop_scores(cell.eval(), data, horizons=(1, 4), warmup=0, stride=2)
     assert [r["horizon"] for r in rows] == [1, 4] and rows[0]["starts"] == rows[1]["starts"]
