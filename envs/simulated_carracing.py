@@ -34,11 +34,6 @@ DEFAULT_MAX_STEPS = 1000
 StartState = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
-def stored_states(hidden: torch.Tensor) -> StartState:
-    """The StartState of LSTM states stored for every start: `hidden` (S, 2, H), (h, c) each."""
-    return lambda picked: tuple(hidden[picked].unbind(1))
-
-
 def episode_noise(
     seed: int, n_starts: int, steps: int, latent_size: int
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
