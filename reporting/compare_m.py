@@ -41,7 +41,7 @@ HORIZONS = (1, 5, 15, 50)
 FIELDS = ("logdir", "arch", "params", "horizon", "starts", "nll", "reward_mse", "done_accuracy")
 
 
-def test_rollouts(logdir: str) -> list[dict[str, np.ndarray]]:
+def held_out_rollouts(logdir: str) -> list[dict[str, np.ndarray]]:
     """The test rollouts (V's split) of the logdir's latent cache, file names included."""
     return [r for r in load_latent_cache(logdir) if r["test"]]
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table, reference = [], None
     for logdir in args.logdir:
-        rollouts = test_rollouts(logdir)
+        rollouts = held_out_rollouts(logdir)
         files = [r["file"] for r in rollouts]
         if reference is not None and files != reference:
             raise BadInputError(
