@@ -53,7 +53,7 @@ from agent.population import (
     make_agent_pool,
     task_count,
 )
-from agent.search import Search
+from agent.search import KEEP_MEANS, Search, tracks_per_candidate
 from agent.seeds import collect_seeds, eval_seeds, rescore_seeds, train_seeds
 from agent.world import load_mdrnn, load_world, world_action_repeat
 from data.latents import load_latent_cache
@@ -84,6 +84,7 @@ LOG_FIELDS = [
     "mean_fitness",
     "worst_fitness",
     "sigma",
+    "tracks",
     "eval_mean",
     "eval_std",
     "eval_dream_mean",
@@ -93,6 +94,7 @@ LOG_FIELDS = [
     "env_frames",
     "wall_min",
 ]
+RESCORE_FIELDS = ["eval_mean", "rescore_mean", "rescore_std", "rescore_frames", "chosen"]  # after the step
 PLOT_PANELS = {
     "return": ["best_fitness", "mean_fitness", "worst_fitness", "eval_mean", "eval_dream_mean"],
     "CMA-ES step size": ["sigma"],
@@ -122,6 +124,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int_in(1, 10_000),
         default=profile.N_SAMPLES,
         help=f"tracks per candidate; its fitness is their mean return (default {profile.N_SAMPLES})",
+    )
+    add(
+        "--samples-double-every",
+        type=int_in(0, 100_000),
+        default=profile.SAMPLES_DOUBLE_EVERY,
+        help="double the tracks per candidate after every this many generations, up to --max-samples "
+        f"(default {profile.SAMPLES_DOUBLE_EVERY}; 0: never)",
+    )
+    add(
+        "--max-samples",
+        type=int_in(1, 10_000),
+        default=profile.MAX_SAMPLES,
+        help=f"the most tracks per candidate that doubling reaches (default {profile.MAX_SAMPLES})",
     )
     add(
         "--generations",
@@ -195,8 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rescore-episodes",
         type=int_in(0, 100_000),
         default=RESCORE_EPISODES,
-        help=f"with --imagine: at the end, the {KEEP_CANDIDATES} best-evaluated rounds each play this many "
-        f"fresh tracks and the best of them becomes best.pt (default {RESCORE_EPISODES}; 0: the best evaluation)",
+        help=f"at the end, the {KEEP_MEANS} best-evaluated CMA-ES means (--imagine: {KEEP_CANDIDATES} rounds) each "
+        f"play this many fresh tracks and the best of them becomes best.pt (default {RESCORE_EPISODES}; "
+        "0: the best evaluation)",
     )
     add(
         "--horizon",
@@ -281,6 +297,7 @@ def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: 
             file=sys.stderr,
         )
         search.best_eval, search.best_generation = -math.inf, 0
+        search.rescored = []  # re-score again at the end: best.pt must be the pick
     elif (
         best is not None
         and best["generation"] <= search.generation
@@ -349,6 +366,70 @@ def evaluate_mean(
     return row, scores
 
 
+def rescore_pending(search: Search, args: argparse.Namespace) -> bool:
+    """Whether the finished search's kept means still await their re-scoring on --rescore-episodes tracks."""
+    done = stop_reason(search, args) is not None
+    return bool(done and args.rescore_episodes and search.kept) and search.rescored != [
+        search.generation,
+        args.rescore_episodes,
+    ]
+
+
+def rescore_means(search: Search, real: RealEvaluator, args: argparse.Namespace, ctrl_dir: Path) -> None:
+    """best.pt becomes the kept mean that returns most on --rescore-episodes fresh tracks (the same
+    for each, never the held-out ones): a pick no single evaluation's luck decides."""
+    t0 = time.perf_counter()
+    tracks = rescore_seeds(search.settings["seed"], search.generation, args.rescore_episodes)
+    scores = score(
+        real, [mean for _, _, mean in search.kept], tracks, f"re-scoring the {len(search.kept)} best means"
+    )
+    rows = [
+        rescored_row("generation", generation, eval_mean, scores.returns[i], int(scores.frames[i].sum()))
+        for i, (eval_mean, generation, _) in enumerate(search.kept)
+    ]
+    chosen = choose_rescored(ctrl_dir, rows, "generation")
+    params = search.kept[rows.index(chosen)][2]
+    best = search.best_checkpoint(
+        chosen["rescore_std"], len(tracks), params, chosen["generation"], chosen["rescore_mean"]
+    )
+    save_checkpoint(ctrl_dir / BEST, best | dict(rescored=rows))
+    search.account([scores], time.perf_counter() - t0)
+    search.rescored = [search.generation, len(tracks)]
+    save_checkpoint(ctrl_dir / LAST, search.state())
+    print(
+        f"re-scored: best.pt is generation {chosen['generation']}'s mean, {chosen['rescore_mean']:.1f} ± "
+        f"{chosen['rescore_std']:.1f} on {len(tracks)} fresh tracks; {search.frames} real env frames in all",
+        flush=True,
+    )
+
+
+def rescored_row(step_field: str, step: int, eval_mean: float, returns: np.ndarray, frames: int) -> dict:
+    """One re-scored candidate's row of rescore.csv, and its line on the console."""
+    print(
+        f"{step_field} {step} (evaluated {eval_mean:.1f}): {returns.mean():.1f} ± {returns.std():.1f} "
+        f"on {len(returns)} fresh tracks",
+        flush=True,
+    )
+    return {
+        step_field: step,
+        "eval_mean": eval_mean,
+        "rescore_mean": float(returns.mean()),
+        "rescore_std": float(returns.std()),
+        "rescore_frames": frames,
+    }
+
+
+def choose_rescored(ctrl_dir: Path, rows: list[dict], step_field: str) -> dict:
+    """The row that played best on the re-scoring tracks (a tie: the earlier); all rows to ctrl/rescore.csv."""
+    chosen = max(rows, key=lambda row: (row["rescore_mean"], -row[step_field]))
+    log = CSVLog(
+        ctrl_dir / "rescore.csv", [step_field, *RESCORE_FIELDS], step_field=step_field, keep_before=0
+    )
+    for row in rows:
+        log.append(row | dict(chosen=int(row is chosen)))
+    return chosen
+
+
 def start_display(args: argparse.Namespace, search: Search) -> mp.Process | None:
     """The --display window's process (best.pt driving on its own tracks), or None with one line why not."""
     problem = display_problem()
@@ -387,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     log = CSVLog(ctrl_dir / "log.csv", LOG_FIELDS, step_field="generation", keep_before=search.generation + 1)
     reason = stop_reason(search, args)
     lost_best = reason is not None and search.generation > 0 and not search.best_generation
-    if reason is not None and not lost_best:
+    if reason is not None and not lost_best and not rescore_pending(search, args):
         if log.path.is_file():  # a kill may have come between the last log row and its plot
             plot_columns(
                 log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)"
@@ -406,10 +487,18 @@ def main(argv: list[str] | None = None) -> int:
         if settings["dream"]
         else None
     )
-    maps = [(1, args.eval_episodes)] + (
-        [] if dream else [(args.pop_size, args.n_samples)]
+    most_tracks = tracks_per_candidate(
+        args.generations, args.n_samples, args.samples_double_every, args.max_samples
+    )
+    maps = [(1, args.eval_episodes), (KEEP_MEANS, args.rescore_episodes)] + (
+        [] if dream else [(args.pop_size, most_tracks)]
     )  # what the pool plays
     workers = min(args.workers, max(task_count(*m, args.envs_per_worker) for m in maps))  # no idle workers
+    growth = (
+        f" (doubling every {args.samples_double_every} generations, up to {most_tracks})"
+        if most_tracks > args.n_samples
+        else ""
+    )
     where = f"in M's dream (tau {settings['temperature']:g}), evaluated on" if dream else "on"
     try:
         with contextlib.ExitStack() as stack:
@@ -429,14 +518,17 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(
                     f"C: {count_params(search.controller())} parameters, population {args.pop_size} x "
-                    f"{args.n_samples} tracks {where} {workers} CPU workers, "
+                    f"{args.n_samples} tracks{growth} {where} {workers} CPU workers, "
                     f"generations {search.generation + 1}..{args.generations}"
                 )
             # -- the search: ask -> score -> tell -> evaluate -> save -> log
             while reason is None:
                 t0, generation = time.perf_counter(), search.generation + 1
                 candidates = search.ask()  # pop_size flat parameter vectors
-                seeds = train_seeds(settings["seed"], generation, args.n_samples)
+                tracks = tracks_per_candidate(
+                    generation, args.n_samples, args.samples_double_every, args.max_samples
+                )
+                seeds = train_seeds(settings["seed"], generation, tracks)  # the same for every candidate
                 spent = [score(scorer, candidates, seeds, f"generation {generation}/{args.generations}")]
                 search.tell(candidates, spent[0].fitness)
                 row = dict(
@@ -445,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                     mean_fitness=float(spent[0].fitness.mean()),
                     worst_fitness=float(spent[0].fitness.min()),
                     sigma=search.sigma,
+                    tracks=tracks,
                 )
                 reason = stop_reason(search, args)
                 if generation % args.eval_every == 0 or reason is not None:
@@ -467,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                 plot_columns(
                     log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)"
                 )
+            if rescore_pending(search, args):
+                rescore_means(search, real, args, ctrl_dir)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted in generation {search.generation + 1}; {last_path} holds generation "
@@ -480,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
 
     minutes = (time.perf_counter() - started) / 60
     best = (
-        f"best eval return {search.best_eval:.1f} (generation {search.best_generation}) in {best_path}"
+        f"best eval return {search.best_eval:.1f} (generation {search.best_generation}); {best_path}: "
+        + ("the best re-scored mean" if search.rescored else "the best evaluated mean")
         if search.best_generation
         else "no evaluation yet"
     )
@@ -604,7 +700,6 @@ def play_round(pool, run: ImagineRun, round_: int, max_frames: int) -> list[dict
 
 
 DREAM_GIF = "dream_vs_real.gif"  # the last round's first evaluation episode beside M's imagination of it
-RESCORE_FIELDS = ["round", "eval_mean", "rescore_mean", "rescore_std", "rescore_frames", "chosen"]
 
 
 def rescore_candidates(args: argparse.Namespace, run: ImagineRun, ctrl_dir: Path, workers: int) -> None:
@@ -620,29 +715,12 @@ def rescore_candidates(args: argparse.Namespace, run: ImagineRun, ctrl_dir: Path
         with make_agent_pool(args, run.config, run.action_repeat, workers, candidate["mdrnn"]) as pool:
             real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)
             scores = score(real, [get_flat_params(controller)], tracks, f"re-scoring round {round_}")
-        returns = scores.returns[0]
-        rows.append(
-            dict(
-                round=round_,
-                eval_mean=eval_mean,
-                rescore_mean=float(returns.mean()),
-                rescore_std=float(returns.std()),
-                rescore_frames=scores.real_frames,
-            )
-        )
-        print(
-            f"round {round_} (evaluated {eval_mean:.1f}): {returns.mean():.1f} ± {returns.std():.1f} "
-            f"on {len(tracks)} fresh tracks",
-            flush=True,
-        )
-    chosen = max(rows, key=lambda row: (row["rescore_mean"], -row["round"]))
+        rows.append(rescored_row("round", round_, eval_mean, scores.returns[0], scores.real_frames))
+    chosen = choose_rescored(ctrl_dir, rows, "round")
     best = load_checkpoint(candidate_path(ctrl_dir, chosen["round"]))
     best |= dict(
         eval_return=chosen["rescore_mean"], eval_std=chosen["rescore_std"], eval_episodes=len(tracks)
     )
-    log = CSVLog(ctrl_dir / "rescore.csv", RESCORE_FIELDS, step_field="round", keep_before=0)
-    for row in rows:
-        log.append(row | dict(chosen=int(row is chosen)))
     save_checkpoint(ctrl_dir / BEST, best | dict(rescored=rows))
     run.frames += sum(row["rescore_frames"] for row in rows)
     run.rescored = [run.round, len(tracks)]

@@ -47,8 +47,21 @@ def _new_strategy(
     return cma.CMAEvolutionStrategy(x0, sigma0, options)
 
 
+KEEP_MEANS = 3  # the best-evaluated CMA-ES means kept for the final re-scoring
+
+
+def tracks_per_candidate(generation: int, n_samples: int, double_every: int, max_samples: int) -> int:
+    """Tracks each candidate of `generation` plays: n_samples, doubled after every `double_every`
+    generations (0: never) up to max_samples; more tracks as the search nears the top, where
+    candidates differ less than tracks do."""
+    if not double_every:
+        return n_samples
+    return max(n_samples, min(max_samples, n_samples * 2 ** ((generation - 1) // double_every)))
+
+
 class Search:
-    """CMA-ES (maximising fitness) plus the run's bookkeeping: generation, best evaluation."""
+    """CMA-ES (maximising fitness) plus the run's bookkeeping: generation, best evaluation,
+    the best-evaluated means (`kept`) and whether they were re-scored."""
 
     def __init__(
         self,
@@ -79,6 +92,8 @@ class Search:
         self.frames, self.seconds = 0, 0.0  # real env frames played and wall time spent, over all runs
         self.fitness_history: list[np.ndarray] = []  # one (P,) array per generation told
         self.best_eval, self.best_generation = -math.inf, 0
+        self.kept: list[tuple[float, int, np.ndarray]] = []  # (eval return, generation, mean), best first
+        self.rescored: list[int] = []  # [generation, tracks] of the final re-scoring, [] if none yet
 
     def account(self, scores: list[Scores], seconds: float) -> None:
         """Add what a generation cost: the real env frames its scores played, and its wall time."""
@@ -110,19 +125,31 @@ class Search:
         return set_flat_params(Controller(**self.config), self.mean if params is None else params)
 
     def record_eval(self, mean_return: float) -> bool:
-        """Note an evaluation of the mean after this generation; True if it is the best so far."""
+        """Note an evaluation of the mean after this generation (kept if among the KEEP_MEANS best);
+        True if it is the best so far."""
+        others = [kept for kept in self.kept if kept[1] != self.generation]  # a re-evaluation replaces
+        ranked = others + [(float(mean_return), self.generation, self.mean)]
+        self.kept = sorted(ranked, key=lambda kept: (-kept[0], kept[1]))[:KEEP_MEANS]
         if mean_return > self.best_eval:
             self.best_eval, self.best_generation = float(mean_return), self.generation
             return True
         return False
 
-    def best_checkpoint(self, eval_std: float, eval_episodes: int) -> dict[str, Any]:
-        """best.pt: C at the CMA-ES mean, just evaluated as the best so far (loads into Controller(**config))."""
+    def best_checkpoint(
+        self,
+        eval_std: float,
+        eval_episodes: int,
+        params: np.ndarray | None = None,
+        generation: int | None = None,
+        eval_return: float | None = None,
+    ) -> dict[str, Any]:
+        """best.pt (loads into Controller(**config)): by default the CMA-ES mean, just evaluated as the
+        best so far; or a kept mean `params` of `generation`, re-scored at `eval_return`."""
         return {
-            "state_dict": self.controller().state_dict(),
+            "state_dict": self.controller(params).state_dict(),
             "config": self.config,
-            "generation": self.generation,
-            "eval_return": self.best_eval,
+            "generation": self.generation if generation is None else generation,
+            "eval_return": self.best_eval if eval_return is None else eval_return,
             "eval_std": eval_std,
             "eval_episodes": eval_episodes,
             "search": self.settings,
@@ -146,6 +173,12 @@ class Search:
             "sigma": self.sigma,
             "best_eval_return": self.best_eval,
             "best_generation": self.best_generation,
+            "kept_returns": torch.tensor([k[0] for k in self.kept], dtype=torch.float64),
+            "kept_generations": torch.tensor([k[1] for k in self.kept], dtype=torch.int64),
+            "kept_means": torch.from_numpy(np.stack([k[2] for k in self.kept]))
+            if self.kept
+            else torch.zeros(0, len(self.mean), dtype=torch.float64),
+            "rescored": list(self.rescored),
             "state_dict": self.controller().state_dict(),
         }
 
@@ -174,4 +207,13 @@ class Search:
             int(state["best_generation"]),
         )
         search.frames, search.seconds = int(state["frames"]), float(state["seconds"])
+        if "kept_means" in state:  # absent from searches saved before the final re-scoring
+            means = state["kept_means"].double().numpy()
+            if means.ndim != 2 or means.shape[1] != len(search.mean):
+                raise ValueError(f"kept means of shape {means.shape}, expected (n, {len(search.mean)})")
+            search.kept = [
+                (float(r), int(g), m)
+                for r, g, m in zip(state["kept_returns"].tolist(), state["kept_generations"].tolist(), means)
+            ]
+        search.rescored = [int(n) for n in state.get("rescored", [])]
         return search
