@@ -42,12 +42,16 @@ TEMPERATURE ?=
 ROUNDS ?=
 # a training episode ends after this many frames without a new tile (0: never)
 STALL_FRAMES ?=
-# CMA-ES population, tracks per candidate, generations, and the evaluations of its mean
+# CMA-ES population, tracks per candidate (doubled every SAMPLES_DOUBLE_EVERY generations up to
+# MAX_SAMPLES), generations, the evaluations of its mean, and the final re-scoring of its best means
 POP_SIZE ?=
 N_SAMPLES ?=
+SAMPLES_DOUBLE_EVERY ?=
+MAX_SAMPLES ?=
 GENERATIONS ?=
 EVAL_EVERY ?=
 EVAL_EPISODES ?=
+RESCORE_EPISODES ?=
 # env frames per controller / test episode at most, and held-out test episodes
 EPISODE_STEPS ?=
 TEST_EPISODES ?=
@@ -58,7 +62,8 @@ NORELOAD ?=
 SMOKE_DIR ?= runs/smoke
 SMOKE_PROFILE = LOGDIR=$(SMOKE_DIR)/logdir DATASET=$(SMOKE_DIR)/dataset NORELOAD=--noreload \
 	ROLLOUTS=4 ROLLOUT_STEPS=60 MDRNN_EPOCHS=1 SEQ_LEN=16 \
-	POP_SIZE=4 N_SAMPLES=1 GENERATIONS=2 EVAL_EVERY=1 EVAL_EPISODES=2 EPISODE_STEPS=52 TEST_EPISODES=3
+	POP_SIZE=4 N_SAMPLES=1 GENERATIONS=2 EVAL_EVERY=1 EVAL_EPISODES=2 RESCORE_EPISODES=2 EPISODE_STEPS=52 \
+	TEST_EPISODES=3
 
 # ---- interpreter ----
 PYTHON ?= python3
@@ -135,7 +140,9 @@ mdrnn: $(VENV_DEP)
 
 ctrl: $(VENV_DEP)
 	$(TIMED) ctrl -- $(PY) traincontroller.py --logdir $(LOGDIR) $(call flag,POP_SIZE,--pop-size) $(call flag,N_SAMPLES,--n-samples) \
+		$(call flag,SAMPLES_DOUBLE_EVERY,--samples-double-every) $(call flag,MAX_SAMPLES,--max-samples) \
 		$(call flag,GENERATIONS,--generations) $(call flag,EVAL_EVERY,--eval-every) $(call flag,EVAL_EPISODES,--eval-episodes) \
+		$(call flag,RESCORE_EPISODES,--rescore-episodes) \
 		$(CTRL_FLAGS) $(AGENT_FLAGS) $(NORELOAD)
 
 # always reruns (no resume): the score must be of the current ctrl/best.pt

@@ -42,6 +42,8 @@ SMOKE_FLAGS = {
         "1",
         "--eval-episodes",
         "2",
+        "--rescore-episodes",
+        "2",
         "--max-steps",
         "52",
     ],  # fmt: skip
