@@ -55,6 +55,8 @@ RESCORE_EPISODES ?=
 # env frames per controller / test episode at most, and held-out test episodes
 EPISODE_STEPS ?=
 TEST_EPISODES ?=
+# the test's lowest-return episodes replayed as GIFs into $(LOGDIR)/ctrl/eval/worst/ (and the report)
+WORST_EPISODES ?= 5
 # --noreload makes every stage start afresh instead of resuming (smoke sets it)
 NORELOAD ?=
 
@@ -148,7 +150,7 @@ ctrl: $(VENV_DEP)
 # always reruns (no resume): the score must be of the current ctrl/best.pt
 evaluate: $(VENV_DEP)
 	$(TIMED) test -- $(PY) test_controller.py --logdir $(LOGDIR) $(call flag,TEST_EPISODES,--episodes) \
-		--record $(LOGDIR)/ctrl/eval/episode.gif $(AGENT_FLAGS)
+		--record $(LOGDIR)/ctrl/eval/episode.gif --record-worst $(WORST_EPISODES) $(AGENT_FLAGS)
 
 report: $(VENV_DEP)
 	$(PY) -m reporting.report --logdir $(LOGDIR) $(call flag,DATASET,--dataset)

@@ -1,12 +1,13 @@
 """Evaluate the trained controller (with V and M) in the real CarRacing env -> L/ctrl/eval/.
 
-    python test_controller.py --logdir L [--episodes 100] [--display] [--record run.gif]
+    python test_controller.py --logdir L [--episodes 100] [--display] [--record run.gif] [--record-worst 5]
 
 The tracks are fixed by --seed and disjoint from every track used in training or in its
 evaluations (agent.seeds.holdout_seeds), so the returns are held-out returns; episode i is
 the same track whatever --episodes is. Episodes run in parallel on a worker pool; with
 --display they run one at a time in a window (closing it sends the rest to the pool).
---record replays episode 0 as a GIF (the agent is deterministic: the same return).
+--record replays episode 0 as a GIF (the agent is deterministic: the same return);
+--record-worst N replays the N lowest-return episodes into L/ctrl/eval/worst/.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from utils.logs import CSVLog, plt, save_gif  # plt: matplotlib on the headless 
 from utils.params import get_flat_params
 
 GIF_FPS, GIF_SCALE = 25, 0.5  # at most 25 fps of the 50 fps env, at half of its 600x400 size
+WORST = "worst"  # L/ctrl/eval/worst/RANK_episodeIII.gif: --record-worst's replays, the lowest return first
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=seed_int, default=0, help="picks the held-out tracks (default 0)")
     add("--display", action="store_true", help="watch the episodes in a window (one at a time)")
     add("--record", metavar="FILE", type=writable_file, help="write episode 0 as an animated GIF to FILE")
+    add(
+        "--record-worst",
+        metavar="N",
+        type=int_in(0, 1000),
+        default=0,
+        help=f"write the N lowest-return episodes as GIFs to L/ctrl/eval/{WORST}/ (default 0)",
+    )
     add(
         "--max-steps",
         type=int_in(1, MAX_EPISODE_STEPS),
@@ -135,8 +144,9 @@ def report(results: list[tuple[float, int]], seeds: list[int], eval_dir: Path) -
     )
 
 
-def record(agent: Agent, seed: int, args: argparse.Namespace, k: int) -> None:
-    """Replay the first episode and write it as a GIF (the agent is deterministic: same return)."""
+def record(agent: Agent, seed: int, path: Path, args: argparse.Namespace, k: int) -> tuple[float, int]:
+    """Replay the episode on track `seed` and write it as a GIF to `path`; (return, frames), the
+    test's own (the agent is deterministic)."""
     frames: list = []
     counter, stride = (
         itertools.count(),
@@ -155,8 +165,23 @@ def record(agent: Agent, seed: int, args: argparse.Namespace, k: int) -> None:
 
     ret, n = run_episode(env, agent, seed, args.max_steps, on_step=keep)
     env.close()
-    save_gif(args.record, frames, round(1000 * k * stride / ENV_FPS))
-    print(f"recorded episode 0 (return {ret:.1f}, {n} frames) to {args.record}")
+    save_gif(path, frames, round(1000 * k * stride / ENV_FPS))
+    return ret, n
+
+
+def record_worst(
+    agent: Agent, results: list[tuple[float, int]], seeds: list[int], args: argparse.Namespace, k: int
+) -> None:
+    """--record-worst: the lowest-return episodes replayed as GIFs, worst first (stale ones removed)."""
+    folder = Path(args.logdir) / "ctrl" / "eval" / WORST
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.gif"):
+        stale.unlink()
+    order = np.argsort([r for r, _ in results], kind="stable")[: args.record_worst]
+    for rank, episode in enumerate(order.tolist(), start=1):
+        path = folder / f"{rank}_episode{episode:03d}.gif"
+        ret, n = record(agent, seeds[episode], path, args, k)
+        print(f"recorded worst #{rank}, episode {episode} (return {ret:.1f}, {n} frames) to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         raise worker_failure(error, Path(args.logdir) / "ctrl" / "eval" / "worker_error.log") from None
     report(results, seeds, Path(args.logdir) / "ctrl" / "eval")
     if args.record:
-        record(agent, seeds[0], args, k)
+        ret, n = record(agent, seeds[0], Path(args.record), args, k)
+        print(f"recorded episode 0 (return {ret:.1f}, {n} frames) to {args.record}")
+    if args.record_worst:
+        record_worst(agent, results, seeds, args, k)
     return 0
 
 

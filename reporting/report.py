@@ -66,10 +66,15 @@ class Report:
             target.unlink(missing_ok=True)
             self.lack(what, stage)
             return False
-        with open(source, "rb") as src, atomic_write(target) as dst:
-            shutil.copyfileobj(src, dst)
+        copy_file(source, target)
         self.add(f"![{caption}]({name})", "")
         return True
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """`source` to `target`, written to a temporary name and renamed."""
+    with open(source, "rb") as src, atomic_write(target) as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -169,6 +174,39 @@ def score_section(report: Report) -> None:
         "test",
         "test episode 0",
     )
+
+
+WORST_LISTED = 5  # the lowest test returns listed, with test_controller.py --record-worst's replays
+
+
+def worst_section(report: Report) -> None:
+    """The lowest-return test tracks, each with its replay (ctrl/eval/worst/) where it was recorded."""
+    eval_dir = report.logdir / "ctrl" / "eval"
+    for stale in report.out.glob("worst_*.gif"):
+        stale.unlink()
+    try:
+        rows = sorted(read_csv_rows(eval_dir / "returns.csv"), key=lambda row: float(row["return"]))
+        replays = {int(p.stem.split("_episode")[1]): p for p in (eval_dir / "worst").glob("*_episode*.gif")}
+    except (KeyError, TypeError, ValueError):
+        return  # the score section already says what is wrong with returns.csv
+    if not rows:
+        return
+    report.add(
+        f"## The {min(WORST_LISTED, len(rows))} worst test tracks",
+        "",
+        "| episode | seed | return | frames | replay |",
+        "|---:|---:|---:|---:|---|",
+    )
+    for row in rows[:WORST_LISTED]:
+        episode, link = int(row["episode"]), "-"
+        if episode in replays:
+            name = f"worst_{episode:03d}.gif"
+            copy_file(replays[episode], report.out / name)
+            link = f"[GIF]({name})"
+        report.add(f"| {episode} | {row['seed']} | {float(row['return']):.1f} | {row['frames']} | {link} |")
+    report.add("")
+    if not replays:
+        report.add("No replays: `test_controller.py --record-worst 5` (`make evaluate`) records them.", "")
 
 
 def timings_section(report: Report) -> None:
@@ -450,6 +488,7 @@ def build_report(logdir: str | os.PathLike, dataset: str | os.PathLike | None = 
         "",
     )
     score_section(report)
+    worst_section(report)
     timings_section(report)
     data_section(report, Path(dataset) if dataset is not None else None)
     model_section(report, "vae", "V (VAE)")

@@ -84,6 +84,8 @@ def measure(tmp: Path) -> dict:
         "1",
         "--eval-episodes",
         "1",
+        "--rescore-episodes",
+        "2",
         "--sigma0",
         "0.5",
         "--max-workers",

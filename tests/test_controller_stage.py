@@ -51,6 +51,8 @@ SMALL = [
     "0.5",
     "--max-workers",
     "2",
+    "--rescore-episodes",
+    "0",  # best.pt: the best evaluation (the final re-scoring: test_controller_noise.py)
 ]
 
 
@@ -230,6 +232,8 @@ def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
         str(STEPS),
         "--record",
         str(gif),
+        "--record-worst",
+        "2",
         "--display",
         "--workers",
         "1",
@@ -247,6 +251,14 @@ def test_end_to_end_train_resume_evaluate_record(trained, tmp_path):
 
     with Image.open(gif) as image:
         assert image.n_frames > 5 and image.size == (300, 200)
+    worst = sorted(rows, key=lambda r: float(r["return"]))  # --record-worst 2: both, the lowest first
+    for rank, row in enumerate(worst, start=1):
+        path = logdir / "ctrl" / "eval" / "worst" / f"{rank}_episode{int(row['episode']):03d}.gif"
+        assert (
+            f"episode {row['episode']} (return {float(row['return']):.1f}" in result.stdout
+        )  # the same replay
+        with Image.open(path) as image:
+            assert image.n_frames > 5
 
 
 def test_interrupt_leaves_valid_last_pt(tmp_path):

@@ -190,6 +190,8 @@ def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
         "1",
         "--eval-episodes",
         "1",
+        "--rescore-episodes",
+        "1",
         "--max-steps",
         "30",
         "--max-workers",

@@ -104,6 +104,8 @@ COMMANDS = {  # the tiny profile, as `make pipeline` would run it ({D}: dataset,
         "1",
         "--eval-episodes",
         "1",
+        "--rescore-episodes",
+        "2",
         "--max-steps",
         "24",
         "--max-workers",
@@ -135,7 +137,7 @@ CLOCK_KEYS = {
     "seconds",
     "log_rows",
 }  # checkpoint entries that hold wall time (log_rows: compared via log.csv)
-WRITES = {"data": 4, "vae": 10, "mdrnn": 10, "ctrl": 8, "test": 2}  # atomic writes per stage, uninterrupted
+WRITES = {"data": 4, "vae": 10, "mdrnn": 10, "ctrl": 11, "test": 2}  # atomic writes per stage, uninterrupted
 KILL_SAMPLE = {("data", 2), ("mdrnn", 4), ("test", 1)}  # the kill points `make test` runs (cheap stages)
 KILL_COUNTER = "write_count"  # in the run root: its atomic writes, one byte each (WORLD_MODELS_KILL_COUNTER)
 

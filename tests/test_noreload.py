@@ -90,6 +90,7 @@ def test_controller_noreload_starts_a_new_search(tmp_path, capsys):
     ctrl = tmp_path / "ctrl"
     args = ["--logdir", str(tmp_path), "--pop-size", "4", "--n-samples", "1", "--eval-every", "1"]
     args += ["--eval-episodes", "1", "--max-steps", "16", "--max-workers", "1", "--stall-frames", "0"]
+    args += ["--rescore-episodes", "0"]
     traincontroller.main([*args, "--generations", "2"])
     first, old_last = rows(ctrl / "log.csv"), load_checkpoint(ctrl / "last.pt")
     assert [r["generation"] for r in first] == ["1", "2"] and old_last["generation"] == 2

@@ -97,6 +97,9 @@ def test_make_smoke_runs_every_stage_and_reports(tmp_path):
     report = (logdir / "report/report.md").read_text()
     assert score_text(returns) in report  # "mean ± std over 3 episodes (min, max)"
     assert "Nothing: every stage's outputs are here." in report
+    worst = sorted(returns)[0]  # the worst test tracks, each with its replay (--record-worst)
+    assert "## The 3 worst test tracks" in report and f"| {worst:.1f} |" in report
+    assert len(list((logdir / "report").glob("worst_*.gif"))) == 3 and report.count("[GIF](worst_") == 3
     with open(logdir / "ctrl/log.csv", newline="") as handle:  # the learning curve: one row per evaluation
         evaluated = [row for row in csv.DictReader(handle) if row["eval_mean"]]
     assert len(evaluated) == 2 and all(

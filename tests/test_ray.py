@@ -237,6 +237,8 @@ def test_cmaes_generation_on_ray_matches_local(cluster, tmp_path):
         "1",
         "--eval-episodes",
         "1",
+        "--rescore-episodes",
+        "1",
         "--sigma0",
         "0.5",
         "--max-workers",
