@@ -157,7 +157,7 @@ def test_episode_noise_is_a_function_of_the_seed():
 
 def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
     """--dream: candidates scored in M's dream, the CMA mean evaluated in the real env,
-    both returns logged side by side; best.pt chosen by the real return."""
+    both returns logged side by side; the means kept for re-scoring are ranked by the real return."""
     import csv
     import subprocess
     import sys
@@ -208,5 +208,14 @@ def test_traincontroller_dream_mode_end_to_end(tiny_dataset, tmp_path):
     for row in rows:
         assert float(row["dream_steps_per_s"]) > 0 and float(row["frames_per_s"]) > 0
         assert row["eval_mean"] and row["eval_dream_mean"]
+    # the kept means are those with the best real (not dream) evaluations; best.pt is the re-scored pick
+    with open(tmp_path / "ctrl" / "rescore.csv") as handle:
+        rescored = list(csv.DictReader(handle))
+    real_eval = {r["generation"]: float(r["eval_mean"]) for r in rows}
+    assert {r["generation"] for r in rescored} == set(real_eval)
+    for row in rescored:
+        assert float(row["eval_mean"]) == pytest.approx(real_eval[row["generation"]], abs=1e-3)
+    chosen = [r for r in rescored if r["chosen"] == "1"]
     best = load_checkpoint(tmp_path / "ctrl" / "best.pt")
-    assert best["eval_return"] == pytest.approx(max(float(r["eval_mean"]) for r in rows), abs=1e-3)
+    assert len(chosen) == 1 and best["generation"] == int(chosen[0]["generation"])
+    assert best["eval_return"] == pytest.approx(max(float(r["rescore_mean"]) for r in rescored), abs=1e-3)

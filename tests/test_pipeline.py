@@ -183,12 +183,13 @@ def test_report_lists_missing_pieces_instead_of_failing(tmp_path):
     logdir = tmp_path / "partial"
     (logdir / "ctrl" / "eval").mkdir(parents=True)
     (logdir / "ctrl" / "eval" / "returns.csv").write_text(
-        "episode,seed,return,steps\n0,1,100,1000\n1,2,300,1000\n"
+        "episode,seed,return,frames\n0,1,100,1000\n1,2,300,1000\n"
     )
     for _ in range(2):
         run_timed("data", [sys.executable, "-c", "pass"], logdir / "report" / "timings.csv")
     text = build_report(logdir).read_text()
     assert "200.0 ± 100.0 over 2 episodes (min 100.0, max 300.0)" in text
     assert "| data |" in text and "| 2 |" in text
+    assert "## The 2 worst test tracks" in text and text.index("| 0 | 1 | 100.0 | 1000 | - |") < text.index("| 1 | 2 | 300.0 |")
     assert (logdir / "report" / "test_returns.png").is_file()
     assert "timing of stage vae" in text and "ctrl/best.pt" in text
