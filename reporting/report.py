@@ -203,7 +203,9 @@ def worst_section(report: Report) -> None:
             name = f"worst_{episode:03d}.gif"
             copy_file(replays[episode], report.out / name)
             link = f"[GIF]({name})"
-        report.add(f"| {episode} | {row['seed']} | {float(row['return']):.1f} | {row.get('frames', '-')} | {link} |")
+        report.add(
+            f"| {episode} | {row['seed']} | {float(row['return']):.1f} | {row.get('frames', '-')} | {link} |"
+        )
     report.add("")
     if not replays:
         report.add("No replays: `test_controller.py --record-worst 5` (`make evaluate`) records them.", "")
