@@ -32,7 +32,7 @@ from utils import profile
 from utils.cli import ArgumentParser, int_in, run_script, seed_int, stage_command, writable_dir, writable_file
 from utils.errors import BadCheckpointError
 from utils.files import atomic_write, remove_orphaned_temps
-from utils.logs import CSVLog, plt, save_gif  # plt: matplotlib on the headless Agg backend
+from utils.logs import CSVLog, pyplot, save_gif
 from utils.params import get_flat_params
 
 GIF_FPS, GIF_SCALE = 25, 0.5  # at most 25 fps of the 50 fps env, at half of its 600x400 size
@@ -126,6 +126,7 @@ def report(results: list[tuple[float, int]], seeds: list[int], eval_dir: Path) -
     for index, (seed, (ret, n)) in enumerate(zip(seeds, results)):
         log.append({"episode": index, "seed": seed, "return": float(ret), "frames": n})
     summary = f"{returns.mean():.1f} ± {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})"
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(returns, bins=min(30, max(5, len(returns) // 3)))
     ax.axvline(returns.mean(), color="k", linestyle="--", label="mean")

@@ -200,6 +200,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"with --imagine: actor-critic updates per round (default {ImagineSettings.updates})",
     )
     add(
+        "--m-updates",
+        type=int_in(0, 1_000_000),
+        default=ImagineSettings.m_updates,
+        help=f"with --imagine: M's fine-tuning batches per round on all the real data (default "
+        f"{ImagineSettings.m_updates}; 0: M stays as trained)",
+    )
+    add(
         "--collect-episodes",
         type=int_in(0, 100_000),
         default=ImagineSettings.collect_episodes,
@@ -622,6 +629,7 @@ def imagine_settings(args: argparse.Namespace) -> ImagineSettings:
     return ImagineSettings(
         horizon=args.horizon,
         updates=args.updates,
+        m_updates=args.m_updates,
         collect_episodes=args.collect_episodes,
         eval_episodes=args.eval_episodes,
         seed=args.seed,

@@ -47,7 +47,7 @@ from utils.cli import (
 )
 from utils.errors import BadCheckpointError, BadRolloutError
 from utils.files import atomic_write
-from utils.logs import plt
+from utils.logs import pyplot
 from utils.training import TrainingRun, fit, pick_device, seed_everything
 
 SIZE_KEYS = ["latent_size", "action_size", "hidden_size", "gaussians"]  # must match to resume
@@ -168,6 +168,7 @@ def plot_prediction(
     mean = (out.logpi.exp() * out.mu).sum(-1)[0].cpu().numpy()  # (T, L): E[z_{t+1}]
     true_next = rollout["mu"][1:]  # (T-1, L)
     dims = min(dims, mu.shape[-1])
+    plt = pyplot()
     fig, axes = plt.subplots(dims + 1, 1, figsize=(9, 1.8 * (dims + 1)), sharex=True)
     steps = np.arange(len(rollout["rewards"]))  # output t predicts z_{t+1} and r_t
     for d, ax in enumerate(axes[:dims]):

@@ -11,15 +11,17 @@ run has, and nothing read from a logdir is ever unpickled or executed.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cma
 import numpy as np
 import torch
 
 from agent.population import Scores
 from models.controller import Controller
 from utils.params import get_flat_params, set_flat_params
+
+if TYPE_CHECKING:
+    import cma
 
 
 def _new_strategy(
@@ -28,8 +30,11 @@ def _new_strategy(
     """A fresh CMA-ES around C = 0, silent and file-less.
 
     cma draws its samples from options["randn"]; by default that is numpy's *global* RNG. A
-    private RandomState makes the search a function of the seed alone.
+    private RandomState makes the search a function of the seed alone. cma is imported here, not
+    at the top: it imports matplotlib.pyplot, half a second that every spawned pool worker would pay.
     """
+    import cma
+
     x0 = np.zeros_like(get_flat_params(Controller(**config)))  # straight ahead, half gas, no brake
     rng = np.random.RandomState(np.random.SeedSequence([seed, 0xC3A]).generate_state(1)[0])
     options = {

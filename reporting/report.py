@@ -32,7 +32,7 @@ from data.rollouts import NoRolloutsError, dataset_paths
 from reporting.timing import read_timings
 from utils.checkpoint import load_checkpoint
 from utils.files import atomic_write, remove_orphaned_temps
-from utils.logs import plt  # matplotlib on the headless Agg backend
+from utils.logs import pyplot
 
 STAGE_ORDER = ["data", "vae", "mdrnn", "ctrl", "test"]
 MAKE_TARGET = {
@@ -130,6 +130,7 @@ def score_text(returns: np.ndarray) -> str:
 
 def histogram(returns: np.ndarray, path: Path) -> None:
     """Histogram of the test returns, with the mean marked."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(returns, bins=min(30, max(5, returns.size // 3)), color="tab:blue", edgecolor="white")
     ax.axvline(returns.mean(), color="k", linestyle="--", label=f"mean {returns.mean():.1f}")
@@ -418,6 +419,7 @@ def ctrl_section(report: Report) -> None:
 
 def learning_curve(points: list[dict[str, float]], path: Path) -> None:
     """The evaluated return of the CMA-ES mean (mean ± std) against real env frames and wall minutes."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     mean, std = np.array([p["eval_mean"] for p in points]), np.array([p["eval_std"] for p in points])
     for ax, key, label in (

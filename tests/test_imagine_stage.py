@@ -41,7 +41,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 LATENT, HIDDEN, FRAMES = 8, 16, 24
 SMALL = ["--updates", "3", "--collect-episodes", "2", "--eval-episodes", "2", "--max-steps", str(FRAMES)]
-SMALL += ["--workers", "1", "--horizon", "5", "--rescore-episodes", "0"]
+SMALL += ["--workers", "1", "--horizon", "5", "--m-updates", "5", "--rescore-episodes", "0"]
 
 
 def run(logdir: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -143,6 +143,7 @@ def test_cma_es_real_and_dreamed_and_imagination_run_on_it(logdir, tmp_path):
     assert "dream" in dream.stdout and load_checkpoint(logdir / "ctrl/last.pt")["generation"] == 1
     imagine = ["--logdir", str(logdir), "--imagine", "--rounds", "2", "--updates", "2", "--horizon", "3"]
     imagine += ["--collect-episodes", "1", "--eval-episodes", "1", "--max-steps", "24", "--workers", "1"]
+    imagine += ["--m-updates", "5"]
     ok = script("traincontroller.py", *imagine, "--rescore-episodes", "1", "--noreload")
     assert ok.returncode == 0, ok.stderr[-2000:]
     best = load_checkpoint(logdir / "ctrl/best.pt")

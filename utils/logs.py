@@ -8,12 +8,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from utils.files import atomic_write
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
 
-from utils.files import atomic_write  # noqa: E402
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, imported on first use (it costs half a
+    second at start-up, which every script and pool worker would otherwise pay)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 class CSVLog:
@@ -68,6 +74,7 @@ def plot_columns(
     """
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (name, spec) in zip(axes[0], panels.items()):
         panel_x, columns = spec if isinstance(spec, tuple) else (x, spec)
@@ -96,7 +103,7 @@ def plot_columns(
 def save_image(path: str | os.PathLike, image: Any) -> None:
     """A uint8 (H, W, 3) array as a PNG, written atomically."""
     with atomic_write(path) as handle:
-        plt.imsave(handle, image, format="png")
+        pyplot().imsave(handle, image, format="png")
 
 
 def save_gif(path: str | os.PathLike, frames: Sequence[Any], frame_ms: int) -> None:
