@@ -143,3 +143,14 @@ def test_rerunning_generation_remakes_a_damaged_rollout(tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_scripts_start_without_plotting_or_cma_loaded():
+    """The pool spawns its workers by importing the script again: cma and matplotlib.pyplot (half a
+    second each start) load only where a search or a plot first needs them."""
+    code = "import sys, traincontroller, test_controller; print(sorted({'cma', 'matplotlib.pyplot'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -126,6 +126,7 @@ def test_every_real_frame_is_counted_and_m_is_fine_tuned(world, two_rounds, tiny
     assert all(len(r["actions"]) == FRAMES and r["mu"].shape == (FRAMES, LATENT) for r in collected)
     assert sorted(r["seed"][2] for r in collected) == [FRAMES] * 8  # each file says the frames it played
     assert last["frames"] == initial + 8 * FRAMES
+    assert last["imagine"]["m_updates"] == 5  # --m-updates is the run's setting
     # round 1 learns on the initial data; round 2 fine-tunes M on it and the collected rollouts first
     original = load_checkpoint(world / "mdrnn/best.pt")["state_dict"]
     after_1 = load_checkpoint(two_rounds / "last_after_1.pt")["mdrnn"]["state_dict"]
