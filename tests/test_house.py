@@ -148,7 +148,8 @@ def test_rerunning_generation_remakes_a_damaged_rollout(tmp_path):
 def test_scripts_start_without_plotting_or_cma_loaded():
     """The pool spawns its workers by importing the script again: cma and matplotlib.pyplot (half a
     second each start) load only where a search or a plot first needs them."""
-    code = "import sys, traincontroller, test_controller; print(sorted({'cma', 'matplotlib.pyplot'} & set(sys.modules)))"
+    code = "import sys, traincontroller, test_controller; "
+    code += "print(sorted({'cma', 'matplotlib.pyplot'} & set(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
