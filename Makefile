@@ -43,7 +43,7 @@ ROUNDS ?=
 # a training episode ends after this many frames without a new tile (0: never)
 STALL_FRAMES ?=
 # CMA-ES population, tracks per candidate (doubled every SAMPLES_DOUBLE_EVERY generations up to
-# MAX_SAMPLES), generations, the evaluations of its mean, and the final re-scoring of its best means
+# MAX_SAMPLES; off by default), generations, the evaluations of its mean, and the final re-scoring of its best means
 POP_SIZE ?=
 N_SAMPLES ?=
 SAMPLES_DOUBLE_EVERY ?=

@@ -6,12 +6,13 @@ import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from utils.files import atomic_write
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the headless Agg backend, imported on first use (it costs half a
     second at start-up, which every script and pool worker would otherwise pay)."""
     import matplotlib
