@@ -53,6 +53,8 @@ from agent.population import (
     make_agent_pool,
     task_count,
 )
+from agent.refresh import COLLECTED as REFRESH_ROLLOUTS
+from agent.refresh import WORLDS, RefreshSettings, WorldRefresh, saved_m, world_path
 from agent.search import KEEP_MEANS, Search, tracks_per_candidate
 from agent.seeds import collect_seeds, eval_seeds, rescore_seeds, train_seeds
 from agent.world import load_mdrnn, load_world, world_action_repeat
@@ -88,6 +90,8 @@ LOG_FIELDS = [
     "eval_mean",
     "eval_std",
     "eval_dream_mean",
+    "collect_mean",
+    "m_loss",
     "frames_per_s",
     "dream_steps_per_s",
     "time_s",
@@ -152,6 +156,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--sigma0", type=positive_float, default=0.1, help="initial CMA-ES step size (default 0.1)")
     add(
+        "--refresh-every",
+        type=int_in(0, 100_000),
+        default=profile.REFRESH_EVERY,
+        help="every this many generations the CMA-ES mean plus noise plays --collect-episodes tracks and M is "
+        f"fine-tuned on them for --m-updates batches (agent/refresh.py; default {profile.REFRESH_EVERY}: never)",
+    )
+    add(
+        "--collect-noise",
+        type=positive_float,
+        default=RefreshSettings.collect_noise,
+        help=f"with --refresh-every: noise std on C's pre-squash actions (default {RefreshSettings.collect_noise})",
+    )
+    add(
         "--eval-every",
         type=positive_int,
         default=profile.EVAL_EVERY,
@@ -203,14 +220,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--m-updates",
         type=int_in(0, 1_000_000),
         default=ImagineSettings.m_updates,
-        help=f"with --imagine: M's fine-tuning batches per round on all the real data (default "
-        f"{ImagineSettings.m_updates}; 0: M stays as trained)",
+        help=f"with --imagine or --refresh-every: M's fine-tuning batches per round or refresh on all the real "
+        f"data (default {ImagineSettings.m_updates}; 0: M stays as trained)",
     )
     add(
         "--collect-episodes",
         type=int_in(0, 100_000),
         default=ImagineSettings.collect_episodes,
-        help="with --imagine: real rollouts collected per round with the noisy actor "
+        help="with --imagine or --refresh-every: real rollouts collected per round or refresh with C plus noise "
         f"(default {ImagineSettings.collect_episodes})",
     )
     add(
@@ -248,7 +265,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--noreload", action="store_true", help="start a new search instead of resuming L/ctrl/last.pt")
     add("--seed", type=seed_int, default=0, help="seeds CMA-ES and the track seeds (default 0)")
     add_agent_pool_args(parser, workers_alias="--max-workers")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.refresh_every and (args.dream or args.imagine):
+        parser.error(
+            "--refresh-every refreshes M for CMA-ES in the real env: drop --dream / --imagine, or it"
+        )
+    return args
+
+
+def refresh_settings(args: argparse.Namespace) -> RefreshSettings:
+    """The flags' refresh settings (a resume must match them while refreshes are on)."""
+    return RefreshSettings(
+        refresh_every=args.refresh_every,
+        collect_episodes=args.collect_episodes,
+        collect_noise=args.collect_noise,
+        m_updates=args.m_updates,
+    )
 
 
 def search_settings(args: argparse.Namespace, action_repeat: int) -> dict:
@@ -263,16 +295,23 @@ def search_settings(args: argparse.Namespace, action_repeat: int) -> dict:
     )
 
 
-def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: Path) -> Search:
-    """The saved search from last.pt (unless --noreload), else a new one; one line if it cannot resume."""
+def resume_or_start(
+    args: argparse.Namespace, config: dict[str, int], ctrl_dir: Path
+) -> tuple[Search, WorldRefresh]:
+    """The saved search and M's refreshes from last.pt (unless --noreload), else new ones; one line
+    if it cannot resume."""
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     fixed = search_settings(args, world_action_repeat(args.logdir))  # C acts at M's k
+    refresh = WorldRefresh(refresh_settings(args), load_mdrnn(args.logdir, one_step=False))
     if args.noreload or not last_path.exists():
         for stale in (last_path, best_path):  # best.pt must only hold this search's best
             stale.unlink(missing_ok=True)
+        for stale in (REFRESH_ROLLOUTS, WORLDS):  # a previous search's refreshes
+            shutil.rmtree(ctrl_dir / stale, ignore_errors=True)
         search = Search(config, sigma0=args.sigma0, seed=args.seed, **fixed)
+        search.world = refresh.state() if refresh.settings.refresh_every else None
         save_checkpoint(last_path, search.state())  # from now on a valid last.pt exists
-        return search
+        return search, refresh
     try:
         state = load_checkpoint(last_path)
         if "imagine" in state:
@@ -281,7 +320,18 @@ def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: 
             )
         check_config(dict(state["config"]), config, last_path)  # C for other V/M sizes
         check_config(dict(state["search"]), fixed, last_path)  # what the saved fitness values measured
+        saved, wanted = dict(state.get("refresh", RefreshSettings().as_dict())), refresh.settings.as_dict()
+        turn_on = not saved["refresh_every"] and wanted["refresh_every"]  # allowed: from now on
+        check_config(saved, wanted, last_path, None if saved["refresh_every"] else [])
         search = Search.from_state(state)
+        if search.world is not None:
+            refresh.load_state(search.world)
+        elif turn_on:
+            refresh.start = search.generation or refresh.start
+            search.world = refresh.state()
+            print(
+                f"note: M is refreshed from generation {refresh.start} on, every {refresh.settings.refresh_every}"
+            )
     except BadCheckpointError:
         raise
     except Exception as error:  # corrupt, foreign or from another version
@@ -314,8 +364,9 @@ def resume_or_start(args: argparse.Namespace, config: dict[str, int], ctrl_dir: 
     print(
         f"resuming {last_path} after generation {search.generation} "
         f"(sigma {search.sigma:.4g}, best eval return {search.best_eval:.1f})"
+        + (f", M refreshed {refresh.version} times" if refresh.version else "")
     )
-    return search
+    return search, refresh
 
 
 def _read_best(path: Path, config: dict[str, int]) -> dict | None:
@@ -355,6 +406,7 @@ def evaluate_mean(
     dream: DreamEvaluator | None,
     args: argparse.Namespace,
     best_path: Path,
+    refresh: WorldRefresh,
 ) -> tuple[dict, Scores]:
     """The CMA-ES mean on fresh tracks of the real env, full episodes; best.pt if it is the best so far."""
     seeds = eval_seeds(search.settings["seed"], search.generation, args.eval_episodes)
@@ -364,13 +416,54 @@ def evaluate_mean(
         row["eval_dream_mean"] = float(dream.evaluate([search.mean], seeds).returns.mean())
     improved = search.record_eval(row["eval_mean"])
     if improved:
-        save_checkpoint(best_path, search.best_checkpoint(row["eval_std"], len(seeds)))
+        own_m = refresh.mdrnn_state()  # a refreshed M goes with C: best.pt plays with it
+        save_checkpoint(
+            best_path,
+            search.best_checkpoint(row["eval_std"], len(seeds)) | ({} if own_m is None else {"mdrnn": own_m}),
+        )
     print(
         f"generation {search.generation}: CMA-ES mean returns {row['eval_mean']:.1f} ± {row['eval_std']:.1f} "
         f"on {len(seeds)} fresh tracks{' (best so far -> best.pt)' if improved else ''}",
         flush=True,
     )
     return row, scores
+
+
+def refresh_world(
+    search: Search, refresh: WorldRefresh, real: RealEvaluator, vae, args: argparse.Namespace, ctrl_dir: Path
+) -> dict:
+    """One refresh of M (agent/refresh.py): the CMA-ES mean plus noise plays fresh tracks with the
+    current M, M is fine-tuned on them and its training rollouts, and saved as the next version;
+    every frame counts. The log row's refresh columns."""
+    t0, s, seed = time.perf_counter(), refresh.settings, search.settings["seed"]
+    version = refresh.version + 1
+    noise = np.random.SeedSequence([seed, 0x5EF, version]).generate_state(s.collect_episodes)
+    std = np.full(search.config["action_size"], s.collect_noise)
+    tasks = [
+        (CollectTask(search.mean, std, track, int(n), args.max_steps),)
+        for track, n in zip(collect_seeds(seed, version, s.collect_episodes), noise)
+    ]
+    with tqdm(
+        total=len(tasks), unit="ep", desc=f"refresh {version}: C plus noise", dynamic_ncols=True
+    ) as bar:
+        played = real.pool.map(collect_task, tasks, on_result=lambda index, result: bar.update())
+    names = refresh.rollout_names(len(played))
+    for name, arrays in zip(names, played):
+        save_collected(ctrl_dir / name, arrays, vae)
+    m_loss = refresh.fine_tune(ctrl_dir, load_latent_cache(args.logdir), names, seed)
+    save_checkpoint(world_path(ctrl_dir, refresh.version), refresh.mdrnn_state())
+    returns = [float(a["rewards"].sum()) for a in played]
+    search.frames += sum(int(a["seed"][2]) for a in played)
+    search.seconds += time.perf_counter() - t0
+    search.world = refresh.state()
+    save_checkpoint(ctrl_dir / LAST, search.state())
+    print(
+        f"refresh {refresh.version} after generation {search.generation}: C plus noise returned "
+        f"{np.mean(returns):.1f} on {len(played)} fresh tracks; M fine-tuned on them ({s.m_updates} batches, "
+        f"loss {m_loss:.3f}); {search.frames} real env frames in all",
+        flush=True,
+    )
+    return dict(collect_mean=float(np.mean(returns)), m_loss=m_loss)
 
 
 def rescore_pending(search: Search, args: argparse.Namespace) -> bool:
@@ -382,25 +475,54 @@ def rescore_pending(search: Search, args: argparse.Namespace) -> bool:
     ]
 
 
-def rescore_means(search: Search, real: RealEvaluator, args: argparse.Namespace, ctrl_dir: Path) -> None:
+def rescore_means(
+    search: Search,
+    real: RealEvaluator,
+    args: argparse.Namespace,
+    ctrl_dir: Path,
+    refresh: WorldRefresh,
+    workers: int,
+) -> None:
     """best.pt becomes the kept mean that returns most on --rescore-episodes fresh tracks (the same
-    for each, never the held-out ones): a pick no single evaluation's luck decides."""
+    for each, never the held-out ones): a pick no single evaluation's luck decides. Each mean plays
+    with the M it was evaluated with (`real`'s, or an older refresh's on a pool of its own)."""
     t0 = time.perf_counter()
     tracks = rescore_seeds(search.settings["seed"], search.generation, args.rescore_episodes)
-    scores = score(
-        real, [mean for _, _, mean in search.kept], tracks, f"re-scoring the {len(search.kept)} best means"
-    )
+    versions = [refresh.version_at(generation) for _, generation, _ in search.kept]
+    returns, frames, spent = [np.zeros(0)] * len(versions), [0] * len(versions), []
+    for version in sorted(set(versions)):
+        kept = [i for i, v in enumerate(versions) if v == version]
+        with contextlib.ExitStack() as stack:
+            scorer = real
+            if version != refresh.version:  # an older M: workers of its own
+                pool = make_agent_pool(
+                    args, search.config, search.settings["action_repeat"], workers, saved_m(ctrl_dir, version)
+                )
+                scorer = RealEvaluator(stack.enter_context(pool), args.max_steps, args.envs_per_worker)
+            scores = score(
+                scorer, [search.kept[i][2] for i in kept], tracks, f"re-scoring {len(kept)} of the best means"
+            )
+        spent.append(scores)
+        for row, i in enumerate(kept):
+            returns[i], frames[i] = scores.returns[row], int(scores.frames[row].sum())
     rows = [
-        rescored_row("generation", generation, eval_mean, scores.returns[i], int(scores.frames[i].sum()))
+        rescored_row("generation", generation, eval_mean, returns[i], frames[i])
         for i, (eval_mean, generation, _) in enumerate(search.kept)
     ]
     chosen = choose_rescored(ctrl_dir, rows, "generation")
-    params = search.kept[rows.index(chosen)][2]
+    index = rows.index(chosen)
     best = search.best_checkpoint(
-        chosen["rescore_std"], len(tracks), params, chosen["generation"], chosen["rescore_mean"]
+        chosen["rescore_std"],
+        len(tracks),
+        search.kept[index][2],
+        chosen["generation"],
+        chosen["rescore_mean"],
     )
-    save_checkpoint(ctrl_dir / BEST, best | dict(rescored=rows))
-    search.account([scores], time.perf_counter() - t0)
+    chosen_m = saved_m(ctrl_dir, versions[index])
+    save_checkpoint(
+        ctrl_dir / BEST, best | dict(rescored=rows) | ({} if chosen_m is None else {"mdrnn": chosen_m})
+    )
+    search.account(spent, time.perf_counter() - t0)
     search.rescored = [search.generation, len(tracks)]
     save_checkpoint(ctrl_dir / LAST, search.state())
     print(
@@ -469,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     ctrl_dir = Path(args.logdir) / "ctrl"
     last_path, best_path = ctrl_dir / LAST, ctrl_dir / BEST
     remove_orphaned_temps(ctrl_dir)  # what a kill inside a write left behind
-    _, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints
-    search = resume_or_start(args, config, ctrl_dir)
+    vae, _, config = load_world(args.logdir)  # sizes from V and M's checkpoints
+    search, refresh = resume_or_start(args, config, ctrl_dir)
     settings = search.settings
     log = CSVLog(ctrl_dir / "log.csv", LOG_FIELDS, step_field="generation", keep_before=search.generation + 1)
     reason = stop_reason(search, args)
@@ -499,8 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     maps = [(1, args.eval_episodes), (KEEP_MEANS, args.rescore_episodes)] + (
         [] if dream else [(args.pop_size, most_tracks)]
-    )  # what the pool plays
-    workers = min(args.workers, max(task_count(*m, args.envs_per_worker) for m in maps))  # no idle workers
+    )  # what the pool plays; a refresh's rollouts are one task each
+    tasks = [task_count(*m, args.envs_per_worker) for m in maps] + [
+        args.collect_episodes * bool(args.refresh_every)
+    ]
+    workers = min(args.workers, max(tasks))  # no idle workers
     growth = (
         f" (doubling every {args.samples_double_every} generations, up to {most_tracks})"
         if most_tracks > args.n_samples
@@ -509,18 +634,23 @@ def main(argv: list[str] | None = None) -> int:
     where = f"in M's dream (tau {settings['temperature']:g}), evaluated on" if dream else "on"
     try:
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(make_agent_pool(args, config, k, workers))
-            real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # evaluations: full episodes
-            scorer = dream or RealEvaluator(
-                pool, args.max_steps, args.envs_per_worker, settings["stall_frames"] or None
-            )
+            pools = stack.enter_context(contextlib.ExitStack())  # the pool of the current M
+
+            def start_pool() -> tuple[RealEvaluator, RealEvaluator | DreamEvaluator]:
+                """The workers, with M as the refreshes left it: evaluations' and candidates' scorers."""
+                pool = pools.enter_context(make_agent_pool(args, config, k, workers, refresh.mdrnn_state()))
+                stall = settings["stall_frames"] or None
+                real = RealEvaluator(pool, args.max_steps, args.envs_per_worker)  # evaluations: full episodes
+                return real, dream or RealEvaluator(pool, args.max_steps, args.envs_per_worker, stall)
+
+            real, scorer = start_pool()
             if args.display:
                 stack.callback(stop_display, start_display(args, search))
             if lost_best:  # a finished search whose best.pt was lost: re-evaluate its mean to rewrite it
                 print(
                     f"re-evaluating the CMA-ES mean of generation {search.generation} to rewrite {best_path}"
                 )
-                search.account([evaluate_mean(search, real, dream, args, best_path)[1]], 0.0)
+                search.account([evaluate_mean(search, real, dream, args, best_path, refresh)[1]], 0.0)
                 save_checkpoint(last_path, search.state())
             else:
                 print(
@@ -530,6 +660,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             # -- the search: ask -> score -> tell -> evaluate -> save -> log
             while reason is None:
+                refreshed = {}
+                if refresh.due(search.generation):  # M learns from the current C's driving, then new workers
+                    refreshed = refresh_world(search, refresh, real, vae, args, ctrl_dir)
+                    pools.close()
+                    real, scorer = start_pool()
                 t0, generation = time.perf_counter(), search.generation + 1
                 candidates = search.ask()  # pop_size flat parameter vectors
                 tracks = tracks_per_candidate(
@@ -545,10 +680,11 @@ def main(argv: list[str] | None = None) -> int:
                     worst_fitness=float(spent[0].fitness.min()),
                     sigma=search.sigma,
                     tracks=tracks,
+                    **refreshed,
                 )
                 reason = stop_reason(search, args)
                 if generation % args.eval_every == 0 or reason is not None:
-                    evaluation, eval_scores = evaluate_mean(search, real, dream, args, best_path)
+                    evaluation, eval_scores = evaluate_mean(search, real, dream, args, best_path, refresh)
                     row |= evaluation
                     spent.append(eval_scores)
                     reason = stop_reason(search, args)
@@ -568,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.path, ctrl_dir / "curves.png", "generation", PLOT_PANELS, title="controller (CMA-ES)"
                 )
             if rescore_pending(search, args):
-                rescore_means(search, real, args, ctrl_dir)
+                rescore_means(search, real, args, ctrl_dir, refresh, workers)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted in generation {search.generation + 1}; {last_path} holds generation "

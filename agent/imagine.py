@@ -278,6 +278,11 @@ def save_dream_gif(
     )
 
 
+def m_entry(mdrnn: nn.Module) -> dict[str, Any]:
+    """M as a checkpoint entry: what the pool's workers and best.pt's readers rebuild it from."""
+    return {"state_dict": {k: v.clone() for k, v in mdrnn.state_dict().items()}, "config": mdrnn.config}
+
+
 def one_step(mdrnn: nn.Module) -> nn.Module:
     """The frozen one-step form of `mdrnn` (the same weights), for imagination and start states."""
     cell = build_m(mdrnn.config, one_step=True)
@@ -304,11 +309,7 @@ class ImagineRun:
         self.rescored: list[int] = []  # [round, tracks] of the last final re-scoring, [] if none yet
 
     def mdrnn_state(self) -> dict[str, Any]:
-        """M as a checkpoint entry: what the pool's workers and best.pt's readers rebuild it from."""
-        return {
-            "state_dict": {k: v.clone() for k, v in self.mdrnn.state_dict().items()},
-            "config": self.mdrnn.config,
-        }
+        return m_entry(self.mdrnn)
 
     def controller_state(self) -> dict[str, torch.Tensor]:
         return self.learner.actor.controller.state_dict()

@@ -99,6 +99,7 @@ class Search:
         self.best_eval, self.best_generation = -math.inf, 0
         self.kept: list[tuple[float, int, np.ndarray]] = []  # (eval return, generation, mean), best first
         self.rescored: list[int] = []  # [generation, tracks] of the final re-scoring, [] if none yet
+        self.world: dict[str, Any] | None = None  # M as --refresh-every left it (agent.refresh), None: off
 
     def account(self, scores: list[Scores], seconds: float) -> None:
         """Add what a generation cost: the real env frames its scores played, and its wall time."""
@@ -185,7 +186,7 @@ class Search:
             else torch.zeros(0, len(self.mean), dtype=torch.float64),
             "rescored": list(self.rescored),
             "state_dict": self.controller().state_dict(),
-        }
+        } | ({} if self.world is None else {"refresh": self.world})
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Search:
@@ -221,4 +222,5 @@ class Search:
                 for r, g, m in zip(state["kept_returns"].tolist(), state["kept_generations"].tolist(), means)
             ]
         search.rescored = [int(n) for n in state.get("rescored", [])]
+        search.world = state.get("refresh")
         return search

@@ -28,6 +28,7 @@ N_SAMPLES = 4  # tracks per candidate; its fitness is their mean return
 SAMPLES_DOUBLE_EVERY = 0  # the tracks per candidate double after every this many generations (0: never) ...
 MAX_SAMPLES = 16  # ... up to this many (the paper's 16)
 GENERATIONS = 100
+REFRESH_EVERY = 0  # generations between refreshes of M on rollouts of the current C (0: never; agent/refresh.py)
 EVAL_EVERY = 5  # generations between evaluations of the CMA-ES mean on fresh tracks
 EVAL_EPISODES = 16
 STALL_FRAMES = 100  # a training episode ends after this many frames without a new tile
