@@ -75,7 +75,7 @@ def load_agent(logdir: str) -> tuple[Agent, dict, int]:
     """V, M and best.pt's C as one Agent, best.pt's checkpoint, and k (C's and M's, which must agree)."""
     vae, mdrnn, config = load_world(logdir)
     controller, state = load_best_controller(logdir, config)
-    if "mdrnn" in state:  # trained in imagination: C plays with the M it fine-tuned
+    if "mdrnn" in state:  # imagination or --refresh-every: C plays with its own M
         mdrnn = mdrnn_from_state(state["mdrnn"])
     k, world_k = int(state.get("action_repeat", 1)), world_action_repeat(logdir)
     if k != world_k:

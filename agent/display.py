@@ -138,7 +138,7 @@ def watch_best(spec: DisplaySpec) -> None:
                 try:
                     state = load_checkpoint(best_path)
                     agent.controller.load_state_dict(state["state_dict"])
-                    if "mdrnn" in state:  # trained in imagination: C plays with the M it fine-tuned
+                    if "mdrnn" in state:  # imagination or --refresh-every: C plays with its own M
                         agent.mdrnn = mdrnn_from_state(state["mdrnn"])
                     seen = stamp
                     pygame.display.set_caption(

@@ -367,6 +367,17 @@ def ctrl_section(report: Report) -> None:
             f"final step size {float(last.get('sigma', math.nan)):.3g}.",
             "",
         )
+        refresh = dict(last.get("refresh") or {})
+        if refresh.get("refresh_every"):  # --refresh-every: M fine-tuned on the search's own driving
+            times = f"{refresh.get('version', '?')} time{'' if refresh.get('version') == 1 else 's'}"
+            report.add(
+                f"M refreshed {times}, every {refresh['refresh_every']} generations "
+                f"from generation {refresh.get('start', '?')}: each time the CMA-ES mean plus noise (std "
+                f"{refresh.get('collect_noise', '?')}) played {refresh.get('collect_episodes', '?')} fresh tracks "
+                f"and M was fine-tuned on them for {refresh.get('m_updates', '?')} batches (ctrl/worlds/); "
+                f"{int(last.get('frames', 0))} real env frames in C, the refreshes' included.",
+                "",
+            )
     if best is None:
         report.lack("ctrl/best.pt (no evaluation of the CMA-ES mean yet)", "ctrl")
     else:
@@ -378,19 +389,21 @@ def ctrl_section(report: Report) -> None:
             "",
         )
     try:
+        rows = read_csv_rows(folder / "rescore.csv")
+        step = "round" if rows and "round" in rows[0] else "generation"  # --imagine re-scores rounds
         rescored = [
-            f"| {r['round']} | {float(r['eval_mean']):.1f} | {float(r['rescore_mean']):.1f} ± "
+            f"| {r[step]} | {float(r['eval_mean']):.1f} | {float(r['rescore_mean']):.1f} ± "
             f"{float(r['rescore_std']):.1f} | {'yes' if r['chosen'] == '1' else ''} |"
-            for r in read_csv_rows(folder / "rescore.csv")
+            for r in rows
         ]
     except (KeyError, TypeError, ValueError):  # a damaged log: the table is left out
         rescored = []
     if rescored:
         report.add(
-            "The best-evaluated rounds, re-scored on the same fresh tracks (ctrl/rescore.csv); the "
-            "chosen one is best.pt:",
+            f"The best-evaluated {'rounds' if step == 'round' else 'CMA-ES means'}, re-scored on the same "
+            "fresh tracks (ctrl/rescore.csv); the chosen one is best.pt:",
             "",
-            "| round | its evaluation | re-scored | chosen |",
+            f"| {step} | its evaluation | re-scored | chosen |",
             "|---|---|---|---|",
             *rescored,
             "",

@@ -86,7 +86,7 @@ CONFIG = {"latent_size": 8, "hidden_size": 16, "action_size": 3}  # make_world's
 def saved_search(logdir: Path, *flags: str) -> traincontroller.Search:
     """A new search saved to L/ctrl/last.pt as traincontroller.py starts one (random V and M at k = 4)."""
     args = traincontroller.parse_args(["--logdir", str(logdir), *flags, "--noreload"])
-    return traincontroller.resume_or_start(args, CONFIG, logdir / "ctrl")
+    return traincontroller.resume_or_start(args, CONFIG, logdir / "ctrl")[0]
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_resume_with_another_setting_is_refused_naming_the_flag(tmp_path, saved,
     with pytest.raises(BadCheckpointError, match=re.escape(named) + ".*--noreload"):
         traincontroller.resume_or_start(args, CONFIG, logdir / "ctrl")
     args = traincontroller.parse_args(["--logdir", str(logdir), *saved])  # the same flags resume it
-    assert traincontroller.resume_or_start(args, CONFIG, logdir / "ctrl").settings == search.settings
+    assert traincontroller.resume_or_start(args, CONFIG, logdir / "ctrl")[0].settings == search.settings
 
 
 def test_a_refused_resume_is_one_line_and_touches_nothing(tmp_path):

@@ -3,17 +3,18 @@ random-init V (latent 8) and M (hidden 16) over the tiny real rollouts, a popula
 episodes of 24 frames, M refreshed after generation 1 on 2 noisy rollouts of the mean.
 
 Covers: the refresh collects, counts its frames, fine-tunes M and saves it as a new version
-while L/mdrnn stays as trained; the search after it plays with the new M; a run killed inside
-the refresh (SIGKILL inside a write) and rerun gives the files of a run straight through; the
-final re-scoring plays each kept mean with the M it was evaluated with, and best.pt carries
-that M for test_controller.py; a resume with another refresh setting, or --refresh-every with
---dream, is refused with one line.
+while L/mdrnn stays as trained; a search saved without refreshes that turns them on, killed
+inside the refresh (SIGKILL inside a write) and rerun, gives the files of a run refreshed from
+the start; the final re-scoring plays each kept mean with the M it was evaluated with, and
+best.pt carries that M for test_controller.py; the report says how M was refreshed; a resume
+with another refresh setting, or --refresh-every with --dream, is refused with one line.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import torch
 from test_imagine_stage import assert_same
 
 import test_controller
+import traincontroller
 from agent.policy import Agent, run_episodes
 from agent.refresh import world_path
 from agent.seeds import COLLECT, rescore_seeds
@@ -35,7 +37,9 @@ from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
 from models.vae import VAE
+from reporting.report import build_report
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import BadCheckpointError
 from utils.params import set_flat_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +84,20 @@ def copy_world(world: Path, logdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def refreshed(world, tmp_path_factory) -> Path:
-    """A user's session: generation 1 (not re-scored); then --generations 2, killed inside the refresh that comes
-    first (SIGKILL inside its third file write: the log rewritten at the start, then the two
-    collected rollouts); then the same command again."""
+    """A user's session: generation 1 without refreshes (and not re-scored: that would cost
+    frames); then --generations 2 with refreshes every generation, which turns them on, killed
+    inside the refresh that comes first (SIGKILL inside its third file write: the log rewritten
+    at the start, then the two collected rollouts); then the same command again."""
     logdir = copy_world(world, tmp_path_factory.mktemp("refreshed"))
-    ok(
-        run(logdir, *SMALL, "--generations", "1", "--rescore-episodes", "0")
-    )  # no re-scoring: it would cost frames
+    ok(run(logdir, *SMALL, "--generations", "1", "--refresh-every", "0", "--rescore-episodes", "0"))
+    assert "refresh" not in load_checkpoint(logdir / "ctrl/last.pt")
     died = run(logdir, *SMALL, "--generations", "2", env=dict(os.environ, WORLD_MODELS_KILL_AT_WRITE="3"))
     assert died.returncode == -signal.SIGKILL, (died.returncode, died.stderr[-2000:])
-    last = load_checkpoint(logdir / "ctrl/last.pt")
-    assert last["generation"] == 1 and last["refresh"]["version"] == 0  # the refresh was not committed
+    assert "refresh" not in load_checkpoint(logdir / "ctrl/last.pt")  # the refresh was not committed
     assert (logdir / "ctrl/rollouts/refresh_01/rollout_0.npz").is_file()
     assert list((logdir / "ctrl/rollouts/refresh_01").glob(".rollout_1.npz.*.tmp*"))  # killed in that write
     resumed = ok(run(logdir, *SMALL, "--generations", "2"))
+    assert "M is refreshed from generation 1 on, every 1" in resumed.stdout
     assert "refresh 1 after generation 1" in resumed.stdout and "re-scored: best.pt" in resumed.stdout
     return logdir
 
@@ -131,23 +135,16 @@ def test_a_refresh_counts_its_frames_and_fine_tunes_a_new_m(world, refreshed):
     assert torch.equal(stage_m["head.weight"], original["head.weight"])  # L/mdrnn stays as trained
 
 
-def test_killed_inside_the_refresh_and_rerun_equals_a_run_straight_through(world, refreshed, tmp_path):
-    """... and so does a search saved without refreshes that turns them on when resumed."""
+def test_turned_on_killed_and_rerun_equals_a_run_refreshed_from_the_start(world, refreshed, tmp_path):
     straight = copy_world(world, tmp_path / "straight")
-    ok(run(straight, *SMALL, "--generations", "2"))
-    late = copy_world(world, tmp_path / "late")
-    ok(run(late, *SMALL, "--generations", "1", "--refresh-every", "0", "--rescore-episodes", "0"))
-    assert "refresh" not in load_checkpoint(late / "ctrl/last.pt")
-    turned_on = ok(run(late, *SMALL, "--generations", "2"))
-    assert "M is refreshed from generation 1 on, every 1" in turned_on.stdout
-    for logdir in (straight, late):
-        for name in ("last.pt", "best.pt", "worlds/m_01.pt"):
-            assert_same(
-                load_checkpoint(logdir / "ctrl" / name), load_checkpoint(refreshed / "ctrl" / name), name
-            )
-        for name in ("rollout_0.npz", "rollout_1.npz"):
-            path = Path("ctrl/rollouts/refresh_01") / name
-            assert (logdir / path).read_bytes() == (refreshed / path).read_bytes(), name
+    ok(run(straight, *SMALL, "--generations", "2"))  # the first refresh after generation 1, as above
+    for name in ("last.pt", "best.pt", "worlds/m_01.pt"):
+        assert_same(
+            load_checkpoint(straight / "ctrl" / name), load_checkpoint(refreshed / "ctrl" / name), name
+        )
+    for name in ("rollout_0.npz", "rollout_1.npz"):
+        path = Path("ctrl/rollouts/refresh_01") / name
+        assert (straight / path).read_bytes() == (refreshed / path).read_bytes(), name
     assert not [p for p in (refreshed / "ctrl").rglob("*") if ".tmp" in p.name]  # the rerun cleaned up
 
 
@@ -190,18 +187,27 @@ def test_each_kept_mean_is_rescored_and_shipped_with_the_m_it_was_evaluated_with
     assert torch.equal(agent.mdrnn.head.weight, ms[chosen]["state_dict"]["head.weight"])
 
 
-def test_other_refresh_settings_or_a_dream_refresh_are_refused_with_one_line(refreshed, tmp_path):
+def test_other_refresh_settings_or_a_dream_refresh_are_refused_with_one_line(refreshed, tmp_path, capsys):
     logdir = tmp_path / "copy"
     shutil.copytree(refreshed, logdir)
     other = run(logdir, *[("3" if flag == "5" else flag) for flag in SMALL], "--generations", "3")
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert other.stderr.strip().splitlines()[-1].startswith("error: ") and "--m-updates 5" in other.stderr
-    off = run(logdir, *SMALL, "--refresh-every", "0", "--generations", "3")  # fitness of refreshed Ms
-    assert (
-        off.returncode == 2
-        and "--refresh-every 1 (this run: 0)" in off.stderr
-        and "Traceback" not in off.stderr
-    )
-    dream = run(logdir, "--dream", "--refresh-every", "2")
-    assert dream.returncode == 2 and "--refresh-every" in dream.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in dream.stderr
+    off = traincontroller.parse_args(["--logdir", str(logdir), *SMALL, "--refresh-every", "0"])
+    with pytest.raises(BadCheckpointError, match=re.escape("--refresh-every 1 (this run: 0)")):
+        traincontroller.resume_or_start(
+            off, {"latent_size": LATENT, "hidden_size": HIDDEN, "action_size": 3}, logdir / "ctrl"
+        )
+    with pytest.raises(SystemExit) as refused:  # argparse's one line, before anything is loaded
+        traincontroller.parse_args(["--logdir", str(logdir), "--dream", "--refresh-every", "2"])
+    assert refused.value.code == 2 and "--refresh-every" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_report_says_how_m_was_refreshed_and_lists_the_rescored_means(refreshed, tmp_path):
+    logdir = tmp_path / "copy"
+    shutil.copytree(refreshed, logdir)
+    text = build_report(logdir).read_text()
+    assert "M refreshed 1 time, every 1 generations from generation 1" in text
+    assert "played 2 fresh tracks and M was fine-tuned on them for 5 batches" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert "| generation | its evaluation | re-scored | chosen |" in text and len(rows) >= 2
