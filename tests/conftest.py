@@ -30,6 +30,29 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_world(tiny_dataset, tmp_path_factory) -> Path:
+    """Random-init V (latent 8) and M (hidden 16) as their stages leave them, M at k = 1 (the
+    tiny dataset's), and M's latent cache of the tiny dataset: read it, copy what you change."""
+    import torch
+
+    from data.latents import build_latent_cache
+    from models.mdrnn import MDRNNCell
+    from models.vae import VAE
+    from utils.checkpoint import save_checkpoint
+
+    logdir = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    for stage, model in (("vae", VAE(8)), ("mdrnn", MDRNNCell(8, 3, 16, 3))):
+        extra = {"action_repeat": 1} if stage == "mdrnn" else {}
+        save_checkpoint(
+            logdir / stage / "best.pt",
+            {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0},
+        )
+    build_latent_cache(logdir, tiny_dataset, verbose=False)
+    return logdir
+
+
 class Hung(Exception):
     """Raised by the `watchdog` fixture in a test that ran far too long (a pool map that would hang)."""
 

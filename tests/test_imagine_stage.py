@@ -27,12 +27,9 @@ import test_controller
 from agent.policy import Agent, run_episode
 from agent.seeds import RESCORE, holdout_seeds, rescore_seeds
 from agent.world import load_mdrnn, load_vae, mdrnn_from_state
-from data.latents import build_latent_cache
 from data.rollouts import load_rollout
 from envs.carracing import make_env
 from models.controller import Controller
-from models.mdrnn import MDRNNCell
-from models.vae import VAE
 from reporting import dream_gif
 from reporting.export import export
 from reporting.report import build_report
@@ -57,18 +54,8 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def world(tiny_dataset, tmp_path_factory) -> Path:
-    """V and M as their stages leave them (M at k = 1, the tiny dataset's), and M's latent cache."""
-    logdir = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    for stage, model in (("vae", VAE(LATENT)), ("mdrnn", MDRNNCell(LATENT, 3, HIDDEN, 3))):
-        extra = {"action_repeat": 1} if stage == "mdrnn" else {}
-        save_checkpoint(
-            logdir / stage / "best.pt",
-            {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0},
-        )
-    build_latent_cache(logdir, tiny_dataset, verbose=False)
-    return logdir
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.fixture(scope="module")

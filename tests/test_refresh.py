@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_imagine_stage import assert_same
+from test_imagine_stage import assert_same, ok
 
 import test_controller
 import traincontroller
@@ -32,11 +32,8 @@ from agent.policy import Agent, run_episodes
 from agent.refresh import world_path
 from agent.seeds import COLLECT, rescore_seeds
 from agent.world import load_vae, mdrnn_from_state
-from data.latents import build_latent_cache
 from envs.carracing import make_env
 from models.controller import Controller
-from models.mdrnn import MDRNNCell
-from models.vae import VAE
 from reporting.report import build_report
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import BadCheckpointError
@@ -56,24 +53,9 @@ def run(logdir: Path, *flags: str, env: dict | None = None) -> subprocess.Comple
     )
 
 
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
-def world(tiny_dataset, tmp_path_factory) -> Path:
-    """V and M as their stages leave them (M at k = 1, the tiny dataset's), and M's latent cache."""
-    logdir = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    for stage, model in (("vae", VAE(LATENT)), ("mdrnn", MDRNNCell(LATENT, 3, HIDDEN, 3))):
-        extra = {"action_repeat": 1} if stage == "mdrnn" else {}
-        save_checkpoint(
-            logdir / stage / "best.pt",
-            {"state_dict": model.state_dict(), "config": model.config | extra, "epoch": 1, "best_loss": 1.0},
-        )
-    build_latent_cache(logdir, tiny_dataset, verbose=False)
-    return logdir
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 def copy_world(world: Path, logdir: Path) -> Path:
