@@ -42,9 +42,10 @@ TEMPERATURE ?=
 ROUNDS ?=
 # a training episode ends after this many frames without a new tile (0: never)
 STALL_FRAMES ?=
-# iterative data: every REFRESH_EVERY generations the CMA-ES mean plus noise plays new tracks and M is
-# fine-tuned on them (default 0: never; agent/refresh.py)
+# iterative data: every REFRESH_EVERY generations from generation REFRESH_START on, the CMA-ES mean plus
+# noise plays new tracks and M is fine-tuned on them (default 0: never; agent/refresh.py)
 REFRESH_EVERY ?=
+REFRESH_START ?=
 # CMA-ES population, tracks per candidate (doubled every SAMPLES_DOUBLE_EVERY generations up to
 # MAX_SAMPLES; off by default), generations, the evaluations of its mean, and the final re-scoring of its best means
 POP_SIZE ?=
@@ -86,7 +87,7 @@ POOL_FLAGS = $(call flag,WORKERS,--workers) $(call flag,BACKEND,--backend) $(cal
 AGENT_FLAGS = $(POOL_FLAGS) $(call flag,ENVS_PER_WORKER,--envs-per-worker) $(call flag,EPISODE_STEPS,--max-steps)
 CTRL_FLAGS = $(if $(filter dream,$(CTRL_MODE)),--dream $(call flag,TEMPERATURE,--temperature),\
 	$(if $(filter imagine,$(CTRL_MODE)),--imagine $(call flag,ROUNDS,--rounds),\
-	$(call flag,STALL_FRAMES,--stall-frames) $(call flag,REFRESH_EVERY,--refresh-every)))
+	$(call flag,STALL_FRAMES,--stall-frames) $(call flag,REFRESH_EVERY,--refresh-every) $(call flag,REFRESH_START,--refresh-start)))
 # each stage runs through reporting/timing.py: one row per run (stage, seconds, started, status, command)
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
 TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage

@@ -163,6 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"fine-tuned on them for --m-updates batches (agent/refresh.py; default {profile.REFRESH_EVERY}: never)",
     )
     add(
+        "--refresh-start",
+        type=int_in(0, 100_000),
+        default=profile.REFRESH_START,
+        help=f"with --refresh-every: the generation of the first refresh (default {profile.REFRESH_START}: "
+        "--refresh-every's)",
+    )
+    add(
         "--collect-noise",
         type=positive_float,
         default=RefreshSettings.collect_noise,
@@ -277,6 +284,7 @@ def refresh_settings(args: argparse.Namespace) -> RefreshSettings:
     """The flags' refresh settings (a resume must match them while refreshes are on)."""
     return RefreshSettings(
         refresh_every=args.refresh_every,
+        refresh_start=args.refresh_start,
         collect_episodes=args.collect_episodes,
         collect_noise=args.collect_noise,
         m_updates=args.m_updates,
@@ -327,7 +335,7 @@ def resume_or_start(
         if search.world is not None:
             refresh.load_state(search.world)
         elif turn_on:
-            refresh.start = search.generation or refresh.start
+            refresh.start = max(refresh.start, search.generation)
             search.world = refresh.state()
             print(
                 f"note: M is refreshed from generation {refresh.start} on, every {refresh.settings.refresh_every}"

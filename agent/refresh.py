@@ -30,6 +30,7 @@ class RefreshSettings:
     """What a refresh does: saved in last.pt, a resume must match it."""
 
     refresh_every: int = 0  # generations between refreshes (0: never, M stays as trained)
+    refresh_start: int = 0  # the generation of the first refresh (0: --refresh-every's)
     collect_episodes: int = ImagineSettings.collect_episodes  # noisy rollouts of the CMA-ES mean per refresh
     collect_noise: float = 0.3  # std of the Gaussian on C's pre-squash output while collecting
     m_updates: int = ImagineSettings.m_updates  # M's fine-tuning batches per refresh
@@ -45,13 +46,13 @@ class RefreshSettings:
 class WorldRefresh:
     """M as the refreshes left it: its sequence form, its optimiser, how many refreshes made it
     (`version`; 0 is L/mdrnn/best.pt's M), the rollout files collected for it, and the generation
-    of the first refresh (`start`: --refresh-every for a new search; for a saved search that turns
-    refreshes on, the generation it was saved at)."""
+    of the first refresh (`start`: --refresh-start, or --refresh-every; a saved search that turns
+    refreshes on has its first refresh no earlier than the generation it was saved at)."""
 
     def __init__(self, settings: RefreshSettings, mdrnn: nn.Module) -> None:
         self.settings, self.mdrnn = settings, mdrnn
         self.m_opt = torch.optim.Adam(mdrnn.parameters(), lr=settings.m_lr)
-        self.version, self.start = 0, settings.refresh_every
+        self.version, self.start = 0, settings.refresh_start or settings.refresh_every
         self.collected: list[str] = []  # relative to the run's ctrl/
 
     def due(self, generation: int) -> bool:

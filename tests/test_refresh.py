@@ -29,7 +29,7 @@ from test_imagine_stage import assert_same, ok
 import test_controller
 import traincontroller
 from agent.policy import Agent, run_episodes
-from agent.refresh import world_path
+from agent.refresh import RefreshSettings, WorldRefresh, world_path
 from agent.seeds import COLLECT, rescore_seeds
 from agent.world import load_vae, mdrnn_from_state
 from envs.carracing import make_env
@@ -193,3 +193,25 @@ def test_the_report_says_how_m_was_refreshed_and_lists_the_rescored_means(refres
     assert "played 2 fresh tracks and M was fine-tuned on them for 5 batches" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert "| generation | its evaluation | re-scored | chosen |" in text and len(rows) >= 2
+
+
+def test_the_schedule_refreshes_at_the_start_then_every_g_and_evaluations_see_the_m_before():
+    """--refresh-start 50 --refresh-every 10: refreshes before generations 51, 61, ...; the mean
+    evaluated after generation g played with the M of the refreshes before g."""
+
+    def refreshed_after(refresh: WorldRefresh, generations: int) -> list[int]:
+        done = []  # as traincontroller.py's loop: before each generation, refresh if due
+        for generation in range(generations):
+            if refresh.due(generation):
+                done.append(generation)
+                refresh.version += 1
+            assert not refresh.due(generation)  # once per generation
+        return done
+
+    refresh = WorldRefresh(RefreshSettings(refresh_every=10, refresh_start=50), torch.nn.Linear(1, 1))
+    assert refreshed_after(refresh, 100) == [50, 60, 70, 80, 90]
+    assert [refresh.version_at(g) for g in (1, 50, 51, 60, 61, 70, 71)] == [0, 0, 1, 1, 2, 2, 3]
+    default = WorldRefresh(RefreshSettings(refresh_every=10), torch.nn.Linear(1, 1))
+    assert refreshed_after(default, 30) == [10, 20] and default.version_at(11) == 1
+    off = WorldRefresh(RefreshSettings(), torch.nn.Linear(1, 1))
+    assert refreshed_after(off, 100) == [] and off.version_at(99) == 0

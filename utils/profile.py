@@ -29,6 +29,7 @@ SAMPLES_DOUBLE_EVERY = 0  # the tracks per candidate double after every this man
 MAX_SAMPLES = 16  # ... up to this many (the paper's 16)
 GENERATIONS = 100
 REFRESH_EVERY = 0  # generations between refreshes of M on new rollouts of C (0: never; agent/refresh.py)
+REFRESH_START = 0  # the generation of the first refresh (0: REFRESH_EVERY's)
 EVAL_EVERY = 5  # generations between evaluations of the CMA-ES mean on fresh tracks
 EVAL_EPISODES = 16
 STALL_FRAMES = 100  # a training episode ends after this many frames without a new tile
