@@ -88,9 +88,9 @@ flag = $(if $($(1)),$(2) $($(1)))
 POOL_FLAGS = $(call flag,WORKERS,--workers) $(call flag,BACKEND,--backend) $(call flag,RAY_ADDRESS,--ray-address)
 AGENT_FLAGS = $(POOL_FLAGS) $(call flag,ENVS_PER_WORKER,--envs-per-worker) $(call flag,EPISODE_STEPS,--max-steps)
 CTRL_FLAGS = $(if $(filter dream,$(CTRL_MODE)),--dream $(call flag,TEMPERATURE,--temperature),\
-	$(if $(filter imagine,$(CTRL_MODE)),--imagine $(call flag,ROUNDS,--rounds) $(call flag,COLLECT_EPISODES,--collect-episodes),\
-	$(call flag,STALL_FRAMES,--stall-frames) $(call flag,REFRESH_EVERY,--refresh-every) $(call flag,REFRESH_START,--refresh-start) \
-	$(call flag,COLLECT_EPISODES,--collect-episodes)))
+	$(if $(filter imagine,$(CTRL_MODE)),--imagine $(call flag,ROUNDS,--rounds),\
+	$(call flag,STALL_FRAMES,--stall-frames) $(call flag,REFRESH_EVERY,--refresh-every) $(call flag,REFRESH_START,--refresh-start)) \
+	$(call flag,COLLECT_EPISODES,--collect-episodes))
 # each stage runs through reporting/timing.py: one row per run (stage, seconds, started, status, command)
 # appended to timings.csv, never overwritten; the report sums the runs of each stage
 TIMED = $(PY) -m reporting.timing --csv $(LOGDIR)/report/timings.csv --stage
