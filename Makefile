@@ -108,7 +108,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

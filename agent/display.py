@@ -101,12 +101,13 @@ class DisplaySpec:
     action_repeat: int
     fast: bool = True
     episodes: int | None = None  # stop after this many (tests); None: until the window closes
+    niceness: int = 19  # the lowest CPU priority: the search's workers come first (tests: 0)
 
 
 def watch_best(spec: DisplaySpec) -> None:
     """Display process of traincontroller --display: drive the current best.pt in a window.
 
-    Runs at nice 19 and at the window's 50 fps, so on a busy machine it takes only the CPU
+    Runs at nice 19 (`spec.niceness`) and at the window's 50 fps, so on a busy machine it takes only the CPU
     time the search's workers leave; it reloads best.pt (by modification time) between
     episodes. Ends when the window is closed, cannot open (one line), after `spec.episodes`
     episodes if given, or when the trainer kills it.
@@ -114,7 +115,7 @@ def watch_best(spec: DisplaySpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the trainer, which stops us
     if hasattr(os, "nice"):
         try:
-            os.nice(19)
+            os.nice(spec.niceness)
         except OSError:
             pass
     torch.set_num_threads(1)

@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # no window ever opens in tests
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N test processes share the cores, so
+    os.environ["OMP_NUM_THREADS"] = "1"  # torch here, and the V/M scripts a test runs, use one thread each
 
 
 @pytest.fixture(scope="session")

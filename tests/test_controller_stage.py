@@ -154,8 +154,9 @@ def test_actions_stay_in_action_space(world, scale):
 
 
 def test_display_process_drives_best_controller(trained):
-    """watch_best (the --display process) opens a window (SDL's virtual one here) and drives best.pt."""
-    spec = f"DisplaySpec({str(trained['logdir'])!r}, max_steps=20, seed=0, action_repeat=4, episodes=2)"
+    """watch_best (the --display process) opens a window (SDL's virtual one here) and drives best.pt.
+    At niceness 0: at 19 it would wait its turn behind every other test process of the suite."""
+    spec = f"DisplaySpec({str(trained['logdir'])!r}, max_steps=20, seed=0, action_repeat=4, episodes=2, niceness=0)"
     code = f"from agent.display import DisplaySpec, watch_best; watch_best({spec})"
     env = dict(os.environ, SDL_VIDEODRIVER="dummy")
     result = subprocess.run(

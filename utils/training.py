@@ -59,8 +59,15 @@ def pick_device(name: str = "auto") -> torch.device:
         )
     device = torch.device(name)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))  # every core for intra-op math
+        torch.set_num_threads(cpu_threads())
     return device
+
+
+def cpu_threads() -> int:
+    """Torch's threads for intra-op math: OMP_NUM_THREADS where it is set to a count (a shared
+    machine, the test suite's parallel workers), else every core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else max(1, os.cpu_count() or 1)
 
 
 def seed_everything(seed: int) -> None:
