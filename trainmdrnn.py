@@ -28,7 +28,7 @@ from data.loaders import SequenceDataset
 from envs.carracing import ACTION_SIZE
 from models.mdrnn import batch_loss
 from models.transformer import ARCH as TRANSFORMER
-from models.transformer import TransformerM
+from models.transformer import C_H_SCALE, TransformerM
 from models.world_model import ARCHS, build_m, m_arch
 from utils import profile
 from utils.checkpoint import LAST, load_checkpoint, require_checkpoint
@@ -60,7 +60,7 @@ def describe_m(config: dict) -> str:
     if config.get("arch") == TRANSFORMER:
         return (
             f"transformer {config['layers']} x {config['hidden_size']}, {config['heads']} heads, "
-            f"context {config['context']}"
+            f"context {config['context']}, C reads h x {config.get('h_scale', 1.0):g}"
         )
     return f"LSTM {config['hidden_size']}"
 
@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int_in(1, 10_000),
         default=TRANSFORMER_DEFAULTS["context"],
         help="tokens a step sees",
+    )
+    p.add_argument(
+        "--h-scale",
+        type=positive_float,
+        default=C_H_SCALE,
+        help="transformer: the factor on the h C reads (about the LSTM h's scale; M's predictions unchanged)",
     )
     p.add_argument(
         "--gaussians", type=int_in(1, 256), default=5, help="mixture components per latent dimension"
@@ -249,7 +255,9 @@ def train(args: argparse.Namespace) -> int:
     }
     size_keys = SIZE_KEYS + (TRANSFORMER_KEYS if args.arch == TRANSFORMER else [])
     if args.arch == TRANSFORMER:  # the LSTM's configs stay as they were: no `arch` means the LSTM
-        config |= dict(arch=TRANSFORMER, layers=args.layers, heads=args.heads, context=args.context)
+        config |= dict(
+            arch=TRANSFORMER, layers=args.layers, heads=args.heads, context=args.context, h_scale=args.h_scale
+        )
     model = build_m(config, one_step=False).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)

@@ -5,6 +5,13 @@ self-attention and an MLP; the final normalised output h_t (width `hidden_size`,
 LSTM's, so C reads [z, h] unchanged) feeds the MDN-RNN's own head (a mixture over z_{t+1} per
 latent dimension, the reward, the done logit), with the same loss (`models.mdrnn.mdrnn_loss`).
 
+C reads `h_scale` x h_t, the state's h; the head reads h_t itself, so the scale changes nothing
+M predicts. A normalised output has an rms near 1 (0.91 on held-out rollouts) where the LSTM's
+tanh-bounded h has 0.31; CMA-ES starts C at 0 with one step size for every weight, so with the
+raw output the first generations' cars steer erratically and the search crawls (README, Which
+M). `trainmdrnn.py --h-scale` (C_H_SCALE) brings it to the LSTM's scale; configs written before
+it have no `h_scale` and build with 1.0, as their C was trained.
+
 Positions are relative, not absolute: each head adds -slope * (distance) to its attention
 scores (ALiBi), and a token sees at most the `context` latest tokens, itself included (a sliding
 window). So a token's keys and values never depend on where it sits, and stepping one token at a
@@ -29,12 +36,15 @@ import torch.nn.functional as F
 from models.mdrnn import MDNOutput, split_head
 
 ARCH = "transformer"  # the `arch` a checkpoint's config names (the MDN-RNN's configs have none)
+C_H_SCALE = (
+    0.34  # trainmdrnn.py's --h-scale: about the LSTM h's rms over the normalised output's (0.31 / 0.91)
+)
 
 
 class TransformerState(NamedTuple):
     """What one step needs of the past: h first, as the LSTM's (h, c) has it."""
 
-    h: torch.Tensor  # (B, H): the output of the latest step, the controller's input
+    h: torch.Tensor  # (B, H): the output of the latest step times h_scale, the controller's input
     kv: torch.Tensor  # (B, layers, 2, context, H): keys and values of the latest tokens, oldest first
     filled: torch.Tensor  # (B, context): 1 where kv holds a token, 0 in the slots not yet reached
 
@@ -87,6 +97,7 @@ class _TransformerBase(nn.Module):
         layers: int = 2,
         heads: int = 4,
         context: int = 32,
+        h_scale: float = 1.0,
         arch: str = ARCH,
     ):
         super().__init__()
@@ -94,6 +105,7 @@ class _TransformerBase(nn.Module):
             raise ValueError(f"a {type(self).__name__} cannot be built from an '{arch}' config")
         self.latent_size, self.action_size, self.hidden_size = latent_size, action_size, hidden_size
         self.gaussians, self.layers, self.heads, self.context = gaussians, layers, heads, context
+        self.h_scale = float(h_scale)  # on the h that C reads, not on what the head reads
         self.embed = nn.Linear(latent_size + action_size, hidden_size)
         self.blocks = nn.ModuleList(Block(hidden_size, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden_size)
@@ -116,6 +128,7 @@ class _TransformerBase(nn.Module):
             layers=self.layers,
             heads=self.heads,
             context=self.context,
+            h_scale=self.h_scale,
             arch=ARCH,
         )
 
@@ -172,7 +185,7 @@ class _TransformerBase(nn.Module):
         filled = torch.cat([state.filled[:, : self.context - kept], real], 1)  # (B, context)
         kv = torch.cat([state.kv[:, :, :, : self.context - kept], torch.stack(cached, 1)], 3)
         kv = kv * filled.view(batch, 1, 1, -1, 1)  # padding slots hold zeros, as an empty cache does
-        h = h_seq[:, -1] * real[:, -1:]  # a row of padding only has no past: h = 0
+        h = self.h_scale * h_seq[:, -1] * real[:, -1:]  # a row of padding only has no past: h = 0
         return h_seq, TransformerState(h, kv, filled)
 
     def _heads(self, h_seq: torch.Tensor, state: TransformerState) -> MDNOutput:
@@ -229,5 +242,5 @@ class TransformerMCell(_TransformerBase):
             new_kv.append(kv)
             x = block(x, q, *kv.unbind(1), bias)
         h = self.norm(x).squeeze(1)  # (B, H)
-        out = self._heads(h, TransformerState(h, torch.stack(new_kv, 1), filled))
+        out = self._heads(h, TransformerState(self.h_scale * h, torch.stack(new_kv, 1), filled))
         return out

@@ -57,6 +57,30 @@ def test_cached_steps_equal_the_sequence_form_past_the_window_edge():
 
 
 @torch.no_grad()
+def test_c_reads_h_scaled_and_nothing_m_predicts_changes():
+    """h_scale multiplies the h in M's state, stepped or recomputed (what C reads), and nothing the
+    head predicts; a config written before h_scale builds with 1.0, as its C was trained."""
+    sequence, cell = models()
+    config = sequence.config | {"h_scale": 0.25}
+    scaled_sequence, scaled_cell = TransformerM(**config).eval(), TransformerMCell(**config).eval()
+    for model in (scaled_sequence, scaled_cell):
+        model.load_state_dict(sequence.state_dict())
+    z, a = inputs(2, CONTEXT + 3)
+    plain, scaled = sequence(z, a), scaled_sequence(z, a)
+    for field in ("mu", "logsigma", "logpi", "reward", "done_logit", "h"):
+        assert torch.equal(getattr(plain, field), getattr(scaled, field)), field
+    assert torch.equal(scaled.hidden.h, 0.25 * plain.hidden.h) and scaled.hidden.h.abs().max() > 0
+    state, plain_state = scaled_cell.initial_state(2), cell.initial_state(2)
+    for t in range(z.shape[1]):
+        out, plain_out = scaled_cell(z[:, t], a[:, t], state), cell(z[:, t], a[:, t], plain_state)
+        state, plain_state = out.hidden, plain_out.hidden
+        assert torch.equal(out.mu, plain_out.mu) and torch.equal(state.h, 0.25 * plain_state.h), t
+    recomputed = scaled_cell.state_after(z, a, torch.ones(2, z.shape[1], dtype=torch.bool))
+    assert torch.allclose(recomputed.h, state.h, atol=1e-5)  # mid-episode starts (dream, imagination)
+    assert TransformerMCell(**{k: v for k, v in config.items() if k != "h_scale"}).h_scale == 1.0
+
+
+@torch.no_grad()
 def test_the_window_is_the_whole_memory_of_one_layer():
     torch.manual_seed(0)
     one = TransformerM(LATENT, ACTIONS, WIDTH, 2, layers=1, heads=2, context=CONTEXT).eval()

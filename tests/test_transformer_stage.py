@@ -28,7 +28,7 @@ from data.latents import load_latent_cache
 from envs.carracing import make_env
 from models.controller import Controller
 from models.mdrnn import MDRNNCell
-from models.transformer import TransformerMCell
+from models.transformer import C_H_SCALE, TransformerMCell
 from models.vae import VAE
 from reporting import compare_m
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -62,7 +62,7 @@ def logdir(tiny_dataset, tmp_path_factory) -> Path:
     save_checkpoint(logdir / "vae/best.pt", {"state_dict": vae.state_dict(), "config": config, "epoch": 1})
     result = script("trainmdrnn.py", "--logdir", str(logdir), "--dataset", str(tiny_dataset), *M_FLAGS)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "M (transformer 2 x 16, 2 heads, context 4)" in result.stdout
+    assert "M (transformer 2 x 16, 2 heads, context 4, C reads h x 0.34)" in result.stdout
     controller = Controller(LATENT, WIDTH, 3)
     torch.manual_seed(1)
     controller.load_state_dict({k: 2 * torch.randn_like(v) for k, v in controller.state_dict().items()})
@@ -77,9 +77,10 @@ def logdir(tiny_dataset, tmp_path_factory) -> Path:
 def test_the_checkpoint_names_its_architecture_and_later_stages_build_it(logdir, tiny_dataset):
     best = load_checkpoint(logdir / "mdrnn/best.pt")
     assert best["config"]["arch"] == "transformer" and best["config"]["context"] == 4
+    assert best["config"]["h_scale"] == C_H_SCALE  # the stage's default: C reads h at the LSTM's scale
     m = load_mdrnn(logdir)
     assert isinstance(m, TransformerMCell) and not isinstance(m, MDRNNCell)
-    assert (m.hidden_size, m.layers, m.heads, m.context) == (WIDTH, 2, 2, 4)
+    assert (m.hidden_size, m.layers, m.heads, m.context, m.h_scale) == (WIDTH, 2, 2, 4, C_H_SCALE)
     assert (logdir / "mdrnn/prediction.png").is_file()
     lstm = script("trainmdrnn.py", "--logdir", str(logdir), "--dataset", str(tiny_dataset), "--epochs", "2")
     one_line_error(lstm, "is an M of --arch transformer", "--noreload")
