@@ -21,7 +21,7 @@ from agent.policy import Agent, run_episode
 from agent.seeds import holdout_seeds
 from agent.world import load_best_controller, load_world, world_action_repeat
 from envs.carracing import MAX_EPISODE_STEPS, make_env
-from models.transformer import TransformerMCell
+from models.transformer import C_H_SCALE, TransformerMCell
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "carracing-k4"
 
@@ -59,6 +59,7 @@ def test_the_shipped_transformer_agent_shares_v_and_names_its_m():
     assert (shipped / "vae/best.pt").resolve() == (PRETRAINED / "vae/best.pt").resolve()
     vae, mdrnn, config = load_world(shipped)
     assert isinstance(mdrnn, TransformerMCell) and config["hidden_size"] == 256
+    assert mdrnn.h_scale == C_H_SCALE  # its C was trained on h at the LSTM's scale
     controller, state = load_best_controller(shipped, config)
     assert int(state["action_repeat"]) == world_action_repeat(shipped) == 4
     with open(shipped / "test_returns.csv", newline="") as handle:
