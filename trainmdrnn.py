@@ -60,7 +60,7 @@ def describe_m(config: dict) -> str:
     if config.get("arch") == TRANSFORMER:
         return (
             f"transformer {config['layers']} x {config['hidden_size']}, {config['heads']} heads, "
-            f"context {config['context']}, C reads h x {config.get('h_scale', 1.0):g}"
+            f"context {config['context']}, C reads h x {config['h_scale']:g}"
         )
     return f"LSTM {config['hidden_size']}"
 

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from models.mdrnn import MDNOutput, split_head
 
 ARCH = "transformer"  # the `arch` a checkpoint's config names (the MDN-RNN's configs have none)
-C_H_SCALE = (
-    0.34  # trainmdrnn.py's --h-scale: about the LSTM h's rms over the normalised output's (0.31 / 0.91)
-)
+# trainmdrnn.py's --h-scale: about the LSTM h's rms over the normalised output's (0.31 / 0.91)
+C_H_SCALE = 0.34
 
 
 class TransformerState(NamedTuple):

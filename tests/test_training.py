@@ -217,3 +217,15 @@ def test_a_log_of_another_kind_of_run_is_started_afresh(tmp_path):
     assert CSVLog(path, ["round", "eval_return"], step_field="round", keep_before=2).read() == [
         {"round": "1", "eval_return": "3"}
     ]
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("1", 1), ("3", 3), (None, "cores"), ("", "cores"), ("0", "cores"), ("x", "cores")]
+)
+def test_cpu_threads_honour_omp_num_threads_when_it_is_a_count(monkeypatch, value, expected):
+    """V and M take every core unless OMP_NUM_THREADS names a count (the parallel test processes set 1)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 7)
+    assert training.cpu_threads() == (7 if expected == "cores" else expected)
